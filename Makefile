@@ -1,0 +1,40 @@
+# Set-up and entry points. `make run` and `make test` are the README's two commands.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU wheel by default. On a GPU cluster pick the CUDA build, e.g.
+#   make setup TORCH_SPEC=torch==2.13.0 TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128"
+# On a machine whose pip would pull the multi-GB CUDA wheel for a CPU-only box, use
+#   TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+CORES ?= 2
+PROFILE ?=
+SNAKEMAKE_ARGS ?=
+
+.PHONY: setup run test lint bench clean
+
+$(BIN)/.installed: pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
+	$(BIN)/python -m pip install -q -c requirements.lock -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+# The main job: the whole DAG on the embedded default (config/config.yaml).
+run: setup
+	$(BIN)/snakemake --cores $(CORES) $(if $(PROFILE),--profile $(PROFILE)) $(SNAKEMAKE_ARGS) all
+
+# The test suite, with the system tools it needs (Java for pycocoevalcap, TeX, a local SLURM).
+test: setup
+	bash scripts/install_system_deps.sh
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+
+clean:
+	rm -rf results .snakemake

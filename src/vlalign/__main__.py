@@ -1,0 +1,5 @@
+import sys
+
+from vlalign.cli import main
+
+sys.exit(main())

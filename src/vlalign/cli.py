@@ -1,0 +1,152 @@
+"""``vlalign`` command line: one small subcommand per Snakemake rule family.
+
+Rules pass exactly the config they depend on as a JSON ``--params`` blob, so Snakemake's
+params-change trigger reruns a rule when (and only when) its part of the config changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+log = logging.getLogger("vlalign")
+
+
+def _json(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--params is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--params must be a JSON object")
+    return value
+
+
+# ---------------------------------------------------------------------------------- data
+def cmd_dataset(args: argparse.Namespace) -> None:
+    from vlalign.data.sources import load_source, save_dataset
+
+    p = args.params
+    dsd = load_source(args.name, p["spec"], world_cfg=p.get("world"), seed=p.get("seed", 0))
+    save_dataset(dsd, args.out)
+    log.info("dataset %s: %s", args.name, {k: len(v) for k, v in dsd.items()})
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> None:
+    from datasets import load_from_disk
+
+    from vlalign.data.tokenizer import add_vlm_tokens, corpus_texts, save_tokenizer, train_tokenizer
+
+    p = args.params
+    if p["tokenizer"]["source"] == "train":
+        texts = (t for path in args.data for t in corpus_texts(load_from_disk(path)))
+        tok = train_tokenizer(texts, p["tokenizer"]["vocab_size"])
+    else:
+        from transformers import AutoTokenizer
+
+        from vlalign.config import parse_source
+
+        _, ident, rev = parse_source(p["lm_source"])
+        tok = add_vlm_tokens(
+            AutoTokenizer.from_pretrained(ident, **({"revision": rev} if rev else {}))
+        )
+    save_tokenizer(tok, args.out)
+    log.info("tokenizer: %d tokens -> %s", len(tok), args.out)
+
+
+# ---------------------------------------------------------------------------------- backbones
+def cmd_backbone(args: argparse.Namespace) -> None:
+    from vlalign.models import backbones as bb
+
+    p = args.params
+    spec = p[args.kind]
+    if spec["source"] != "tiny":
+        bb.fetch_pretrained(args.kind, spec["source"], args.out)
+        return
+    from datasets import load_from_disk
+
+    seed = p.get("seed", 0)
+    if args.kind == "vision":
+        data = load_from_disk(args.data[0])
+        model = bb.build_tiny_vision(spec["config"])
+        processor = bb.make_image_processor(model.config.image_size)
+        world = p.get("world", {})
+        metrics = bb.pretrain_vision(
+            model,
+            processor,
+            data,
+            spec["pretrain"],
+            grid=world.get("grid", 3),
+            max_objects=world.get("max_objects", 4),
+            seed=seed,
+        )
+        bb.save_backbone(model, args.out, metrics, extra=[processor])
+    else:
+        from vlalign.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(args.tokenizer)
+        model = bb.build_tiny_lm(spec["config"], tok)
+        metrics = bb.pretrain_lm(
+            model, tok, [load_from_disk(d) for d in args.data], spec["pretrain"], seed=seed
+        )
+        bb.save_backbone(model, args.out, metrics, extra=[tok])
+    log.info(
+        "%s backbone -> %s: %s",
+        args.kind,
+        args.out,
+        {k: v for k, v in metrics.items() if k != "vocab"},
+    )
+
+
+# ---------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlalign", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("dataset", help="build one dataset in the normalised schema")
+    s.add_argument("--name", required=True)
+    s.add_argument(
+        "--params", type=_json, required=True, help='{"spec":..., "world":..., "seed":...}'
+    )
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_dataset)
+
+    s = sub.add_parser("tokenizer", help="train the BPE tokenizer (or adapt the LM's)")
+    s.add_argument("--params", type=_json, required=True, help='{"tokenizer":..., "lm_source":...}')
+    s.add_argument("--data", nargs="*", default=[])
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_tokenizer)
+
+    s = sub.add_parser("backbone", help="pre-train a tiny backbone or fetch a pre-trained one")
+    s.add_argument("kind", choices=["vision", "lm"])
+    s.add_argument(
+        "--params", type=_json, required=True, help='{"vision"|"lm":..., "world":..., "seed":...}'
+    )
+    s.add_argument("--data", nargs="*", default=[])
+    s.add_argument("--tokenizer")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_backbone)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        log.error("%s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

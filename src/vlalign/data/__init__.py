@@ -1,0 +1,1 @@
+"""Data: the synthetic world, external sources, the normalised schema and the tokenizer."""

@@ -1,0 +1,8 @@
+"""Evaluation metrics.
+
+- ``vlalign.eval.caption_metrics``: pycocoevalcap BLEU/METEOR/ROUGE-L/CIDEr(/SPICE) the COCO way.
+- ``vlalign.eval.vqa``: VQAv2 soft accuracy with the official answer normalisation.
+- ``vlalign.eval.effective_rank``: singular-value curve and effective rank (PT-PEFT).
+
+Submodules are not imported here so that importing one metric does not pull in torch or Java.
+"""

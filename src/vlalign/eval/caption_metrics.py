@@ -1,0 +1,265 @@
+"""COCO caption metrics with pycocoevalcap, run the way ``COCOEvalCap.evaluate`` runs them.
+
+Pipeline (SPEC §8): lower-case → Stanford PTBTokenizer (Java) with pycocoevalcap's punctuation
+filter → Bleu(4), METEOR 1.5 (Java), ROUGE-L, CIDEr (pycocoevalcap's ``Cider`` is CIDEr-D) and,
+only when the Stanford CoreNLP jars are already installed, SPICE (Java). A metric that cannot be
+computed is returned in ``missing`` and never as 0.
+
+Two deliberate deviations from pycocoevalcap's wrappers, neither of which changes a score:
+- the PTB tokenizer is invoked with the same jar, class, flags and punctuation filter as
+  ``pycocoevalcap.tokenizer.ptbtokenizer.PTBTokenizer``, but its temporary file goes to the
+  system temp dir (not into site-packages, which may be read-only on a cluster), all captions are
+  tokenized in one JVM, and the number of output lines is checked (pycocoevalcap ``zip``s and
+  silently misaligns captions if a caption contains a Unicode line separator);
+- the METEOR subprocess is always closed (its ``__del__`` blocks forever on the wrapper's lock if
+  ``compute_score`` raised) and its stderr is drained so a chatty JVM cannot dead-lock the pipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.spice import get_stanford_models as _spice_models
+from pycocoevalcap.tokenizer import ptbtokenizer as _ptb
+from tqdm import tqdm
+
+CAPTION_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+SPICE_MODES = ("auto", "off", "require")
+
+_PTB_JAR = Path(_ptb.__file__).resolve().parent / _ptb.STANFORD_CORENLP_3_4_1_JAR
+_SPICE_DIR = Path(_spice_models.SPICEDIR).resolve()
+
+
+class CaptionMetricError(RuntimeError):
+    """A Java scorer (tokenizer, METEOR, SPICE) failed."""
+
+
+def spice_missing_reason() -> str | None:
+    """Why SPICE cannot run here, or None if it can. Never downloads anything.
+
+    ``Spice()`` calls ``get_stanford_models()``, which downloads Stanford CoreNLP 3.6.0 when
+    ``spice/lib/stanford-corenlp-3.6.0.jar`` is absent; SPICE's Java side also needs the
+    ``-models`` jar that the same download extracts.
+    """
+    lib = _SPICE_DIR / _spice_models.SPICELIB
+    needed = [
+        _SPICE_DIR / "spice-1.0.jar",
+        lib / f"{_spice_models.JAR}.jar",
+        lib / f"{_spice_models.JAR}-models.jar",
+    ]
+    absent = [str(p) for p in needed if not p.is_file()]
+    if absent:
+        return "Stanford CoreNLP jars not found: " + ", ".join(absent)
+    return None
+
+
+def fetch_spice_models() -> None:
+    """Download the Stanford CoreNLP jars SPICE needs (pycocoevalcap's own downloader; network)."""
+    _spice_models.get_stanford_models()
+    reason = spice_missing_reason()
+    if reason is not None:
+        raise CaptionMetricError(f"SPICE models still missing after download: {reason}")
+
+
+def _validate(
+    predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]
+) -> list[str]:
+    if not isinstance(predictions, Mapping) or not isinstance(references, Mapping):
+        raise TypeError("predictions and references must be dicts keyed by image id")
+    if len(predictions) == 0:
+        raise ValueError("predictions is empty: nothing to score")
+    ids = list(predictions)
+    for image_id in ids:
+        pred = predictions[image_id]
+        if not isinstance(pred, str):
+            raise ValueError(
+                f"prediction for image id {image_id!r} must be a string, got {type(pred).__name__}"
+            )
+        if image_id not in references:
+            raise ValueError(f"image id {image_id!r} has a prediction but no references")
+        refs = references[image_id]
+        if isinstance(refs, str) or not isinstance(refs, Sequence):
+            raise ValueError(
+                f"references for image id {image_id!r} must be a list of strings, "
+                f"got {type(refs).__name__}"
+            )
+        if len(refs) == 0:
+            raise ValueError(f"image id {image_id!r} has an empty reference list")
+        for j, ref in enumerate(refs):
+            if not isinstance(ref, str):
+                raise ValueError(
+                    f"reference {j} of image id {image_id!r} must be a string, "
+                    f"got {type(ref).__name__}"
+                )
+    return ids
+
+
+def _one_line(text: str) -> str:
+    # str.split() also splits on \r, \x0b, \x0c, \x85, \u2028, \u2029 — characters Java's
+    # tokenizer may treat as line breaks, which would shift every following caption.
+    return " ".join(text.lower().split())
+
+
+def ptb_tokenize(sentences: Sequence[str]) -> list[str]:
+    """Tokenize like pycocoevalcap's PTBTokenizer: Java PTBTokenizer, lower-case, drop punctuation.
+
+    Returns one space-joined token string per input sentence (empty input → empty string).
+    """
+    cmd = [
+        "java", "-cp", str(_PTB_JAR), "edu.stanford.nlp.process.PTBTokenizer",
+        "-preserveLines", "-lowerCase", "-encoding", "UTF-8",
+    ]
+    lines = [_one_line(s) for s in sentences]
+    if not lines:
+        return []
+    with tempfile.TemporaryDirectory(prefix="vlalign_ptb_") as tmp:
+        path = Path(tmp) / "captions.txt"
+        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        try:
+            proc = subprocess.run(cmd + [str(path)], capture_output=True, check=False)
+        except FileNotFoundError as e:
+            raise CaptionMetricError("java not found: the PTB tokenizer needs a JRE") from e
+    if proc.returncode != 0:
+        raise CaptionMetricError(
+            f"PTBTokenizer exited with {proc.returncode}: "
+            f"{proc.stderr.decode(errors='replace')[-2000:]}"
+        )
+    out = proc.stdout.decode("utf-8", errors="replace")
+    # one output line (with trailing newline) per input line, empty lines included
+    out_lines = out[:-1].split("\n") if out.endswith("\n") else out.split("\n")
+    if len(out_lines) != len(lines):
+        raise CaptionMetricError(
+            f"PTBTokenizer returned {len(out_lines)} lines for {len(lines)} captions"
+        )
+    punct = set(_ptb.PUNCTUATIONS)
+    return [" ".join(w for w in line.rstrip().split(" ") if w not in punct) for line in out_lines]
+
+
+@contextlib.contextmanager
+def _meteor() -> Iterator[Meteor]:
+    """pycocoevalcap's Meteor with its JVM reliably shut down and its stderr drained."""
+    try:
+        meteor = Meteor()
+    except FileNotFoundError as e:
+        raise CaptionMetricError("java not found: METEOR needs a JRE") from e
+    proc = meteor.meteor_p
+    stderr_tail: deque[bytes] = deque(maxlen=50)
+
+    def drain() -> None:
+        for line in proc.stderr:
+            stderr_tail.append(line)
+
+    threading.Thread(target=drain, daemon=True, name="meteor-stderr").start()
+    try:
+        yield meteor
+    except (ValueError, BrokenPipeError, OSError) as e:
+        tail = b"".join(stderr_tail).decode(errors="replace")[-2000:]
+        raise CaptionMetricError(f"METEOR subprocess failed ({e!r}); stderr: {tail}") from e
+    finally:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+        proc.kill()
+        proc.wait(timeout=30)
+        # Meteor.__del__ acquires this lock; a failed compute_score leaves it held.
+        if meteor.lock.locked():
+            meteor.lock.release()
+
+
+def _run_spice(gts: dict, res: dict) -> float:
+    from pycocoevalcap.spice.spice import Spice  # imported late: only when the jars exist
+
+    score, _ = Spice().compute_score(gts, res)
+    return float(score)
+
+
+def score_captions(
+    predictions: dict[str, str],
+    references: dict[str, list[str]],
+    spice: str = "auto",
+    *,
+    timings: dict[str, float] | None = None,
+) -> tuple[dict[str, float], list[dict]]:
+    """Score captions with pycocoevalcap over the images in ``predictions``.
+
+    Args:
+        predictions: image id → generated caption (an empty string is valid and scores 0).
+        references: image id → non-empty list of reference captions. Ids without a prediction
+            are ignored (a reference file may cover more images than were generated).
+        spice: "auto" (run SPICE if its CoreNLP jars are installed, else report it missing),
+            "off" (report it missing, reason "disabled"), "require" (raise if it cannot run).
+        timings: if given, filled with wall seconds per step ("tokenize", "Bleu", "METEOR",
+            "ROUGE_L", "CIDEr", "SPICE").
+
+    Returns:
+        ``(scores, missing)``: scores maps pycocoevalcap metric names (Bleu_1..Bleu_4, METEOR,
+        ROUGE_L, CIDEr, SPICE) to corpus-level floats in pycocoevalcap's raw scale (0..1, CIDEr
+        unbounded); missing lists ``{"metric", "reason"}`` for metrics not computed.
+    """
+    if spice not in SPICE_MODES:
+        raise ValueError(f"spice must be one of {SPICE_MODES}, got {spice!r}")
+    ids = _validate(predictions, references)
+    timings = {} if timings is None else timings
+    spice_reason = "disabled" if spice == "off" else spice_missing_reason()
+    if spice == "require" and spice_reason is not None:
+        raise CaptionMetricError(f"SPICE required but unavailable: {spice_reason}")
+
+    # tokenize predictions and references in one JVM; pycocoevalcap keys may be any hashable
+    flat = [predictions[i] for i in ids]
+    spans = []
+    for i in ids:
+        spans.append((len(flat), len(flat) + len(references[i])))
+        flat.extend(references[i])
+    t0 = time.perf_counter()
+    tokens = ptb_tokenize(flat)
+    timings["tokenize"] = time.perf_counter() - t0
+    res = {i: [tokens[k]] for k, i in enumerate(ids)}
+    gts = {i: tokens[a:b] for i, (a, b) in zip(ids, spans)}
+    for i in ids:
+        for j, ref in enumerate(gts[i]):
+            if not ref:
+                raise ValueError(
+                    f"reference {j} of image id {i!r} is empty after tokenization: "
+                    f"{references[i][j]!r}"
+                )
+
+    scores: dict[str, float] = {}
+    missing: list[dict] = []
+
+    steps = ["Bleu", "METEOR", "ROUGE_L", "CIDEr"] + (["SPICE"] if spice_reason is None else [])
+    for step in tqdm(steps, desc="caption metrics", disable=None):
+        t0 = time.perf_counter()
+        if step == "Bleu":
+            bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+            scores.update({f"Bleu_{n + 1}": float(b) for n, b in enumerate(bleu)})
+        elif step == "METEOR":
+            # Meteor's line protocol uses "|||" as separator; it only strips it from hypotheses
+            meteor_gts = {i: [r.replace("|||", "") for r in refs] for i, refs in gts.items()}
+            with _meteor() as meteor:
+                scores["METEOR"] = float(meteor.compute_score(meteor_gts, res)[0])
+        elif step == "ROUGE_L":
+            scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
+        elif step == "CIDEr":
+            scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+        else:
+            try:
+                scores["SPICE"] = _run_spice(gts, res)
+            except (subprocess.CalledProcessError, OSError, ValueError) as e:
+                if spice == "require":
+                    raise CaptionMetricError(f"SPICE failed: {e!r}") from e
+                spice_reason = f"SPICE failed: {e!r}"
+        timings[step] = time.perf_counter() - t0
+
+    if spice_reason is not None:
+        missing.append({"metric": "SPICE", "reason": spice_reason})
+    return scores, missing

@@ -1,0 +1,39 @@
+# Config validation, shared paths and input functions.
+import json
+import sys
+
+from snakemake.utils import validate
+
+from vlalign.config import check_references
+
+
+validate(config, "../schemas/config.schema.yaml")
+check_references(config, source="config")
+
+R = config["results_dir"]
+# The interpreter running Snakemake also runs the jobs (same venv locally, on SLURM nodes too).
+VLALIGN = f"{sys.executable} -m vlalign"
+DATASETS = sorted(config["datasets"])
+
+
+wildcard_constraints:
+    dataset="|".join(DATASETS),
+    kind="vision|lm",
+
+
+def params_json(**kwargs):
+    """The part of the config a rule depends on, as one JSON argument (params-change trigger)."""
+    return json.dumps(kwargs, sort_keys=True)
+
+
+def data_dir(name):
+    return f"{R}/data/{name}"
+
+
+def final_outputs():
+    return [
+        *[data_dir(d) for d in DATASETS],
+        f"{R}/tokenizer",
+        f"{R}/backbones/vision",
+        f"{R}/backbones/lm",
+    ]
