@@ -1,0 +1,355 @@
+"""The results database: a DuckDB file rebuilt from the per-run files under ``results/``.
+
+This module is the only writer of the database. Cluster jobs write their own JSON/CSV files
+(docs/outputs.md); :func:`ingest` reads all of them and rebuilds the database from scratch into a
+temporary file that is moved into place with ``os.replace``, so readers never see a half-written
+database and a run whose directory was deleted disappears on the next ingest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from vlalign.io_utils import atomic_path
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+# Version of the metrics.json file format this reader understands (docs/outputs.md).
+METRICS_FILE_VERSION = 1
+TRAIN_LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s")
+
+_DDL = {
+    "meta": """CREATE TABLE meta (
+        schema_version INTEGER NOT NULL, created_at TIMESTAMP, results_dir VARCHAR)""",
+    "runs": """CREATE TABLE runs (
+        run VARCHAR PRIMARY KEY, recipe VARCHAR, stage_chain VARCHAR, stage_hashes JSON,
+        config JSON, seed INTEGER, git_commit VARCHAR, packages JSON,
+        start_time TIMESTAMP, end_time TIMESTAMP, device VARCHAR)""",
+    "metrics": """CREATE TABLE metrics (
+        run VARCHAR NOT NULL, stage VARCHAR, dataset VARCHAR, split VARCHAR,
+        metric VARCHAR NOT NULL, value DOUBLE NOT NULL, decoding JSON)""",
+    "missing_metrics": """CREATE TABLE missing_metrics (
+        run VARCHAR NOT NULL, metric VARCHAR NOT NULL, reason VARCHAR)""",
+    "train_log": """CREATE TABLE train_log (
+        run VARCHAR NOT NULL, stage VARCHAR NOT NULL, stage_index INTEGER NOT NULL,
+        stage_hash VARCHAR, step BIGINT NOT NULL, global_step BIGINT NOT NULL, loss DOUBLE,
+        lr DOUBLE, grad_norm DOUBLE, tokens_per_s DOUBLE, samples_per_s DOUBLE)""",
+    "rank_curve": """CREATE TABLE rank_curve (
+        run VARCHAR NOT NULL, k INTEGER NOT NULL, cumulative DOUBLE NOT NULL)""",
+    "rank_summary": """CREATE TABLE rank_summary (
+        run VARCHAR PRIMARY KEY, threshold DOUBLE, effective_rank DOUBLE, n_components INTEGER)""",
+}
+TABLES = tuple(t for t in _DDL if t != "meta")
+
+
+class ResultsInputError(ValueError):
+    """A results file is malformed; the message names the file (and key/row/column)."""
+
+
+class SchemaVersionError(RuntimeError):
+    """The database was written by a different schema version (or is not a results DB)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the per-run files
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ResultsInputError(f"{path}: invalid JSON ({e})") from e
+
+
+def _require(obj: dict, key: str, path: Path, types: type | tuple[type, ...]) -> Any:
+    if not isinstance(obj, dict) or key not in obj:
+        raise ResultsInputError(f"{path}: missing key {key!r}")
+    if not isinstance(obj[key], types):
+        raise ResultsInputError(
+            f"{path}: key {key!r} has type {type(obj[key]).__name__}, expected {types}"
+        )
+    return obj[key]
+
+
+def _parse_time(value: Any, path: Path, key: str) -> datetime | None:
+    if value in (None, ""):
+        return None
+    try:
+        t = datetime.fromisoformat(str(value))
+    except ValueError as e:
+        raise ResultsInputError(f"{path}: key {key!r} is not an ISO time: {value!r}") from e
+    # Store naive UTC so times from different machines/time zones compare correctly.
+    return t.astimezone(UTC).replace(tzinfo=None) if t.tzinfo else t
+
+
+def _read_run_json(path: Path, run: str) -> tuple[dict, list[dict]]:
+    """Return (runs row, chain) of one run.json."""
+    obj = _load_json(path)
+    if not isinstance(obj, dict):
+        raise ResultsInputError(f"{path}: expected a JSON object")
+    name = _require(obj, "run", path, str)
+    if name != run:
+        raise ResultsInputError(f"{path}: 'run' is {name!r} but the directory is {run!r}")
+    chain = _require(obj, "chain", path, list)
+    for i, link in enumerate(chain):
+        _require(link, "stage", path, str)
+        _require(link, "hash", path, str)
+        if "dir" in link and not isinstance(link["dir"], str):
+            raise ResultsInputError(f"{path}: chain[{i}].dir must be a string")
+    seed = obj.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ResultsInputError(f"{path}: key 'seed' must be an integer, got {seed!r}")
+    row = {
+        "run": run,
+        "recipe": obj.get("recipe"),
+        "stage_chain": ">".join(link["stage"] for link in chain),
+        "stage_hashes": json.dumps([link["hash"] for link in chain]),
+        "config": json.dumps(obj.get("config", {}), sort_keys=True),
+        "seed": seed,
+        "git_commit": obj.get("git_commit"),
+        "packages": json.dumps(obj.get("packages", {}), sort_keys=True),
+        "start_time": _parse_time(obj.get("start"), path, "start"),
+        "end_time": _parse_time(obj.get("end"), path, "end"),
+        "device": obj.get("device"),
+    }
+    return row, chain
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _read_metrics_json(path: Path, run: str) -> tuple[list[dict], list[dict]]:
+    obj = _load_json(path)
+    if not isinstance(obj, dict):
+        raise ResultsInputError(f"{path}: expected a JSON object")
+    version = obj.get("schema_version")
+    if version != METRICS_FILE_VERSION:
+        raise ResultsInputError(
+            f"{path}: schema_version is {version!r}, this reader understands {METRICS_FILE_VERSION}"
+        )
+    if obj.get("run", run) != run:
+        raise ResultsInputError(f"{path}: 'run' is {obj['run']!r} but the directory is {run!r}")
+    records = _require(obj, "records", path, list)
+    rows, seen = [], set()
+    for i, rec in enumerate(records):
+        where = f"{path}: records[{i}]"
+        if not isinstance(rec, dict):
+            raise ResultsInputError(f"{where} is not an object")
+        for key in ("metric", "value"):
+            if key not in rec:
+                raise ResultsInputError(f"{where}: missing key {key!r}")
+        if rec.get("run", run) != run:
+            raise ResultsInputError(f"{where}: 'run' is {rec['run']!r}, expected {run!r}")
+        if not _is_number(rec["value"]):
+            # A metric that could not be computed belongs under "missing", never as 0/NaN.
+            raise ResultsInputError(
+                f"{where} ({rec['metric']}): value {rec['value']!r} is not a finite number; "
+                "list metrics that could not be computed under 'missing'"
+            )
+        decoding = rec.get("decoding")
+        if decoding is not None and not isinstance(decoding, dict):
+            raise ResultsInputError(f"{where}: 'decoding' must be an object or null")
+        row = {
+            "run": run,
+            "stage": rec.get("stage"),
+            "dataset": rec.get("dataset"),
+            "split": rec.get("split"),
+            "metric": str(rec["metric"]),
+            "value": float(rec["value"]),
+            "decoding": None if decoding is None else json.dumps(decoding, sort_keys=True),
+        }
+        key = tuple(row[k] for k in ("stage", "dataset", "split", "metric", "decoding"))
+        if key in seen:
+            raise ResultsInputError(f"{where}: duplicate record {key}")
+        seen.add(key)
+        rows.append(row)
+    missing = []
+    for i, m in enumerate(obj.get("missing", []) or []):
+        if not isinstance(m, dict) or "metric" not in m:
+            raise ResultsInputError(f"{path}: missing[{i}] needs a 'metric' key")
+        missing.append({"run": run, "metric": str(m["metric"]), "reason": m.get("reason")})
+    return rows, missing
+
+
+def _read_rank_curve(path: Path, run: str) -> tuple[pd.DataFrame, dict]:
+    obj = _load_json(path)
+    k = _require(obj, "k", path, list)
+    cum = _require(obj, "cumulative", path, list)
+    if len(k) != len(cum):
+        raise ResultsInputError(f"{path}: 'k' has {len(k)} entries but 'cumulative' {len(cum)}")
+    for i, (a, b) in enumerate(zip(k, cum)):
+        if not (isinstance(a, int) and not isinstance(a, bool)) or not _is_number(b):
+            raise ResultsInputError(f"{path}: entry {i} (k={a!r}, cumulative={b!r}) not numeric")
+    curve = pd.DataFrame({"run": run, "k": k, "cumulative": [float(c) for c in cum]})
+    summary = {
+        "run": run,
+        "threshold": obj.get("threshold"),
+        "effective_rank": obj.get("effective_rank"),
+        "n_components": max(k) if k else None,
+    }
+    for key in ("threshold", "effective_rank"):
+        if summary[key] is not None and not _is_number(summary[key]):
+            raise ResultsInputError(f"{path}: key {key!r} must be a number")
+    return curve, summary
+
+
+def _read_train_log(path: Path) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ResultsInputError(f"{path}: cannot parse CSV ({e})") from e
+    df.columns = [c.strip() for c in df.columns]
+    missing = [c for c in TRAIN_LOG_COLUMNS if c not in df.columns]
+    if missing:
+        raise ResultsInputError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
+    df = df[list(TRAIN_LOG_COLUMNS)]
+    for col in TRAIN_LOG_COLUMNS:
+        num = pd.to_numeric(df[col], errors="coerce")
+        bad = num.isna() & df[col].notna() & (df[col].astype(str).str.lower() != "nan")
+        if bad.any():
+            row = int(bad.idxmax())
+            raise ResultsInputError(
+                f"{path}: row {row + 2} column {col!r} is not numeric: {df[col][row]!r}"
+            )
+        df[col] = num
+    if df["step"].isna().any():
+        raise ResultsInputError(f"{path}: column 'step' has empty values")
+    df["step"] = df["step"].astype("int64")
+    return df
+
+
+def _stage_dir(link: dict, results_dir: Path) -> Path:
+    """Locate a chain stage's directory.
+
+    ``dir`` in run.json is written relative to the workflow root (e.g. ``results/stages/<h>``);
+    the hash under ``results_dir/stages`` is tried first so a moved results tree still works.
+    """
+    candidates = [results_dir / "stages" / link["hash"]]
+    if "dir" in link:
+        d = Path(link["dir"])
+        candidates += [d] if d.is_absolute() else [d, results_dir.parent / d, results_dir / d]
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return candidates[0]
+
+
+def _collect(results_dir: Path) -> dict[str, pd.DataFrame]:
+    runs_root = results_dir / "runs"
+    if not results_dir.is_dir():
+        raise FileNotFoundError(f"results directory not found: {results_dir}")
+    rows: dict[str, list] = {t: [] for t in TABLES}
+    train_frames, curve_frames = [], []
+    run_dirs = sorted(p for p in runs_root.iterdir() if p.is_dir()) if runs_root.is_dir() else []
+    for run_dir in run_dirs:
+        run = run_dir.name
+        run_json, metrics_json = run_dir / "run.json", run_dir / "metrics.json"
+        curve_json = run_dir / "rank_curve.json"
+        if not (run_json.exists() or metrics_json.exists() or curve_json.exists()):
+            log.info("skipping %s: no run.json / metrics.json / rank_curve.json yet", run_dir)
+            continue
+        if run_json.exists():
+            row, chain = _read_run_json(run_json, run)
+            rows["runs"].append(row)
+            offset = 0
+            for idx, link in enumerate(chain):
+                csv = _stage_dir(link, results_dir) / "train_log.csv"
+                if not csv.exists():
+                    log.warning("%s: stage %s has no train log at %s", run_json, link["stage"], csv)
+                    continue
+                df = _read_train_log(csv)
+                df.insert(0, "run", run)
+                df.insert(1, "stage", link["stage"])
+                df.insert(2, "stage_index", idx)
+                df.insert(3, "stage_hash", link["hash"])
+                # global_step makes a run's whole chain plottable on one axis.
+                df["global_step"] = df["step"] - (df["step"].min() if len(df) else 0) + offset
+                offset = int(df["global_step"].max()) + 1 if len(df) else offset
+                train_frames.append(df)
+        if metrics_json.exists():
+            recs, missing = _read_metrics_json(metrics_json, run)
+            rows["metrics"] += recs
+            rows["missing_metrics"] += missing
+        if curve_json.exists():
+            curve, summary = _read_rank_curve(curve_json, run)
+            curve_frames.append(curve)
+            rows["rank_summary"].append(summary)
+    frames = {t: pd.DataFrame(r) for t, r in rows.items()}
+    frames["train_log"] = pd.concat(train_frames, ignore_index=True) if train_frames else None
+    frames["rank_curve"] = pd.concat(curve_frames, ignore_index=True) if curve_frames else None
+    return frames
+
+
+# ---------------------------------------------------------------------------------------------
+# writing and reading the database
+
+
+def ingest(results_dir: str | Path, db_path: str | Path) -> dict[str, int]:
+    """Rebuild the database at ``db_path`` from every run under ``results_dir/runs``.
+
+    Returns the number of rows per table. The previous database (if any) stays intact and
+    readable until the new one is complete.
+    """
+    results_dir = Path(results_dir)
+    frames = _collect(results_dir)
+    counts: dict[str, int] = {}
+    with atomic_path(db_path) as tmp:
+        con = duckdb.connect(str(tmp))
+        try:
+            for ddl in _DDL.values():
+                con.execute(ddl).fetchall()
+            con.execute(
+                "INSERT INTO meta VALUES (?, ?, ?)",
+                [SCHEMA_VERSION, datetime.now(UTC).replace(tzinfo=None), str(results_dir)],
+            ).fetchall()
+            for table in TABLES:
+                df = frames[table]
+                if df is not None and len(df):
+                    con.register("_frame", df)
+                    con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _frame").fetchall()
+                    con.unregister("_frame")
+                counts[table] = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
+            con.execute("CHECKPOINT").fetchall()
+        finally:
+            con.close()
+    log.info("ingested %s into %s: %s", results_dir, db_path, counts)
+    return counts
+
+
+def connect_readonly(db_path: str | Path) -> duckdb.DuckDBPyConnection:
+    """Open the database read-only after checking its schema version."""
+    db_path = Path(db_path)
+    if not db_path.is_file():
+        raise FileNotFoundError(f"results database not found: {db_path} (run ingest first)")
+    con = duckdb.connect(str(db_path), read_only=True)
+    try:
+        version = con.execute("SELECT max(schema_version) FROM meta").fetchall()[0][0]
+    except duckdb.CatalogException as e:
+        con.close()
+        raise SchemaVersionError(f"{db_path}: not a vlalign results database (no meta)") from e
+    if version != SCHEMA_VERSION:
+        con.close()
+        raise SchemaVersionError(
+            f"{db_path}: database schema version is {version}, this vlalign reads version "
+            f"{SCHEMA_VERSION}; rebuild it with `ingest` from the results directory"
+        )
+    return con
+
+
+def query(db_path: str | Path, sql: str) -> pd.DataFrame:
+    """Run one SQL query against a read-only connection and return the result as a DataFrame."""
+    con = connect_readonly(db_path)
+    try:
+        return con.execute(sql).df()
+    finally:
+        con.close()

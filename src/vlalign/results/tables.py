@@ -1,0 +1,611 @@
+"""Paper tables declared as data: a YAML file = SQL over the results DB + a layout.
+
+See docs/results.md for the declaration format. A table is rendered by running its SQL (long
+format: one row per run × column key × value), pivoting row keys × column keys, aggregating over
+seeds (mean ± sample std), scaling (e.g. ×100 for caption metrics), marking the best value per
+column bold and the second underlined, and writing LaTeX (booktabs), CSV and Markdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from vlalign.io_utils import write_text_atomic
+from vlalign.results.db import query
+
+log = logging.getLogger(__name__)
+
+MISSING = "--"
+_AGGREGATES = ("mean_std", "mean", "none")
+_BETTER = ("higher", "lower", None)
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class TableSpecError(ValueError):
+    """A table declaration is invalid; the message names the YAML file and key."""
+
+
+@dataclass(frozen=True)
+class ColumnFormat:
+    scale: float = 1.0
+    decimals: int = 1
+    better: str | None = "higher"
+
+
+@dataclass(frozen=True)
+class ExtraColumn:
+    """A column from its own query (e.g. trainable %), placed before or after the pivot."""
+
+    name: str
+    label: str
+    query: str
+    fmt: ColumnFormat
+    value: str
+    seed: str | None
+    position: str = "last"
+    aggregate: str = "mean_std"
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    query: str
+    rows: list[str]
+    columns: list[str]
+    value: str = "value"
+    seed: str | None = None
+    aggregate: str = "mean_std"
+    fmt: ColumnFormat = ColumnFormat()
+    caption: str | None = None
+    caption_tex: str | None = None
+    label: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    row_order: list[Any] = field(default_factory=list)
+    column_order: dict[str, list[Any]] = field(default_factory=dict)
+    column_format: dict[str, ColumnFormat] = field(default_factory=dict)
+    extra_columns: list[ExtraColumn] = field(default_factory=list)
+    source: str = "<dict>"
+
+    def label_of(self, value: Any) -> str:
+        return self.labels.get(_key_str(value), _key_str(value))
+
+
+@dataclass(frozen=True)
+class Column:
+    key: tuple  # one entry per level of spec.columns (extra columns: (name,))
+    headers: tuple[str, ...]  # display label per header level ("" where none)
+    fmt: ColumnFormat
+    extra: bool = False
+
+
+@dataclass
+class Cell:
+    mean: float
+    std: float | None
+    n: int
+    decimals: int
+    rank: str | None = None  # "best" | "second" | None
+
+    def text(self, pm: str) -> str:
+        s = f"{self.mean:.{self.decimals}f}"
+        if self.std is not None:
+            s += f"{pm}{self.std:.{self.decimals}f}"
+        return s
+
+
+@dataclass
+class TableResult:
+    spec: TableSpec
+    row_keys: list[tuple]
+    columns: list[Column]
+    cells: dict[tuple[tuple, int], Cell]
+
+    @property
+    def empty(self) -> bool:
+        return not self.cells
+
+
+# ---------------------------------------------------------------------------------------------
+# declarations
+
+
+def _key_str(v: Any) -> str:
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def _fmt_from(d: dict, base: ColumnFormat, where: str) -> ColumnFormat:
+    better = d.get("better", base.better)
+    if better not in _BETTER:
+        raise TableSpecError(f"{where}: 'better' must be higher, lower or null, got {better!r}")
+    try:
+        return ColumnFormat(
+            scale=float(d.get("scale", base.scale)),
+            decimals=int(d.get("decimals", base.decimals)),
+            better=better,
+        )
+    except (TypeError, ValueError) as e:
+        raise TableSpecError(f"{where}: bad scale/decimals ({e})") from e
+
+
+_SPEC_KEYS = {
+    "name",
+    "query",
+    "rows",
+    "columns",
+    "value",
+    "seed",
+    "aggregate",
+    "scale",
+    "decimals",
+    "better",
+    "caption",
+    "caption_tex",
+    "label",
+    "labels",
+    "row_order",
+    "column_order",
+    "column_format",
+    "extra_columns",
+}
+_EXTRA_KEYS = {
+    "name",
+    "label",
+    "query",
+    "value",
+    "seed",
+    "scale",
+    "decimals",
+    "better",
+    "position",
+    "aggregate",
+}
+_FORMAT_KEYS = {"scale", "decimals", "better"}
+
+
+def _as_list(v: Any, where: str) -> list[str]:
+    if isinstance(v, str):
+        return [v]
+    if isinstance(v, list) and v and all(isinstance(x, str) for x in v):
+        return list(v)
+    raise TableSpecError(f"{where}: expected a column name or a non-empty list of names")
+
+
+def spec_from_dict(d: dict, source: str = "<dict>") -> TableSpec:
+    """Validate a table declaration (parsed YAML) and return a :class:`TableSpec`."""
+    if not isinstance(d, dict):
+        raise TableSpecError(f"{source}: a table declaration must be a mapping")
+    unknown = set(d) - _SPEC_KEYS
+    if unknown:
+        raise TableSpecError(
+            f"{source}: unknown key(s) {sorted(unknown)}; allowed {sorted(_SPEC_KEYS)}"
+        )
+    for key in ("name", "query", "rows", "columns"):
+        if key not in d:
+            raise TableSpecError(f"{source}: missing required key {key!r}")
+    name = str(d["name"])
+    if not _NAME_RE.match(name):
+        raise TableSpecError(f"{source}: name {name!r} must match {_NAME_RE.pattern}")
+    aggregate = d.get("aggregate", "mean_std")
+    if aggregate not in _AGGREGATES:
+        raise TableSpecError(f"{source}: aggregate must be one of {_AGGREGATES}")
+    base = _fmt_from(d, ColumnFormat(), source)
+    column_format = {}
+    for key, sub in (d.get("column_format") or {}).items():
+        where = f"{source}: column_format.{key}"
+        if not isinstance(sub, dict) or set(sub) - _FORMAT_KEYS:
+            raise TableSpecError(f"{where}: expected a mapping with keys {sorted(_FORMAT_KEYS)}")
+        column_format[_key_str(key)] = _fmt_from(sub, base, where)
+    extras = []
+    for i, e in enumerate(d.get("extra_columns") or []):
+        where = f"{source}: extra_columns[{i}]"
+        if not isinstance(e, dict) or set(e) - _EXTRA_KEYS or not {"name", "query"} <= set(e):
+            raise TableSpecError(
+                f"{where}: needs 'name' and 'query'; allowed {sorted(_EXTRA_KEYS)}"
+            )
+        if e.get("aggregate", aggregate) not in _AGGREGATES:
+            raise TableSpecError(f"{where}: aggregate must be one of {_AGGREGATES}")
+        if e.get("position", "last") not in ("first", "last"):
+            raise TableSpecError(f"{where}: position must be 'first' or 'last'")
+        extras.append(
+            ExtraColumn(
+                name=str(e["name"]),
+                label=str(e.get("label", e["name"])),
+                query=str(e["query"]),
+                fmt=_fmt_from({"better": None, **e}, base, where),
+                value=str(e.get("value", d.get("value", "value"))),
+                seed=e.get("seed", d.get("seed")),
+                position=e.get("position", "last"),
+                aggregate=e.get("aggregate", aggregate),
+            )
+        )
+    column_order = d.get("column_order") or {}
+    columns = _as_list(d["columns"], f"{source}: columns")
+    if not isinstance(column_order, dict) or set(column_order) - set(columns):
+        raise TableSpecError(f"{source}: column_order must map names in 'columns' to lists")
+    label = d.get("label")
+    if label is not None and not re.match(r"^[^\s{}\\%#]+$", str(label)):
+        raise TableSpecError(f"{source}: label {label!r} must not contain spaces or {{}}\\%#")
+    return TableSpec(
+        name=name,
+        query=str(d["query"]),
+        rows=_as_list(d["rows"], f"{source}: rows"),
+        columns=columns,
+        value=str(d.get("value", "value")),
+        seed=d.get("seed"),
+        aggregate=aggregate,
+        fmt=base,
+        caption=d.get("caption"),
+        caption_tex=d.get("caption_tex"),
+        label=label,
+        labels={_key_str(k): str(v) for k, v in (d.get("labels") or {}).items()},
+        row_order=list(d.get("row_order") or []),
+        column_order={k: list(v) for k, v in column_order.items()},
+        column_format=column_format,
+        extra_columns=extras,
+        source=source,
+    )
+
+
+def load_spec(path: str | Path) -> TableSpec:
+    path = Path(path)
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise TableSpecError(f"{path}: invalid YAML ({e})") from e
+    return spec_from_dict(d, source=str(path))
+
+
+def load_specs(tables_dir: str | Path) -> list[TableSpec]:
+    specs = [load_spec(p) for p in sorted(Path(tables_dir).glob("*.yaml"))]
+    names = [s.name for s in specs]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise TableSpecError(f"{tables_dir}: duplicate table name(s) {sorted(dup)}")
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering
+
+
+def _py(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v
+
+
+def _sort_key(v: Any) -> tuple:
+    # Numbers before strings, numbers numerically (prefix lengths 4 < 16 < 64).
+    return (0, float(v), "") if isinstance(v, int | float) else (1, 0.0, str(v))
+
+
+def _ordered_key(v: Any, preferred: list[str]) -> tuple:
+    """Declared values first, in declaration order; the rest in natural order."""
+    s = _key_str(v)
+    return (preferred.index(s), _sort_key(v)) if s in preferred else (len(preferred), _sort_key(v))
+
+
+def _aggregate(
+    df: pd.DataFrame, keys: list[str], value: str, seed: str | None, how: str, where: str
+) -> dict[tuple, tuple[float, float | None, int]]:
+    out = {}
+    for key, g in df.groupby(keys, sort=False, dropna=False):
+        key = tuple(_py(k) for k in (key if isinstance(key, tuple) else (key,)))
+        if seed is not None and g[seed].duplicated().any():
+            dup = g[seed][g[seed].duplicated()].iloc[0]
+            raise TableSpecError(
+                f"{where}: several values for {dict(zip(keys, key))} and {seed}={dup}; "
+                "make the query return one value per seed"
+            )
+        vals = g[value].astype(float).tolist()
+        if how == "none" and len(vals) > 1:
+            raise TableSpecError(
+                f"{where}: {len(vals)} values for {dict(zip(keys, key))} with aggregate: none"
+            )
+        mean = sum(vals) / len(vals)
+        std = None
+        if how == "mean_std" and len(vals) >= 2:
+            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+        out[key] = (mean, std, len(vals))
+    return out
+
+
+def _run_query(db_path: str | Path, sql: str, needed: list[str], where: str) -> pd.DataFrame:
+    df = query(db_path, sql)
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise TableSpecError(
+            f"{where}: query result lacks column(s) {missing}; it returned {list(df.columns)}"
+        )
+    df = df[df[needed[-1]].notna()]  # NULL values (e.g. from LEFT JOINs) are missing cells
+    null_keys = df[needed[:-1]].isna().any(axis=1)
+    if null_keys.any():
+        log.warning("%s: dropping %d row(s) with NULL keys", where, int(null_keys.sum()))
+        df = df[~null_keys]
+    return df
+
+
+def _rank(result: TableResult) -> None:
+    for j, col in enumerate(result.columns):
+        if col.fmt.better is None:
+            continue
+        cells = [c for (r, jj), c in result.cells.items() if jj == j]
+        # Compare at display precision so visibly equal numbers tie.
+        vals = sorted(
+            {round(c.mean, col.fmt.decimals) for c in cells}, reverse=col.fmt.better == "higher"
+        )
+        if len(cells) < 2 or len(vals) < 2:
+            continue
+        for c in cells:
+            v = round(c.mean, col.fmt.decimals)
+            if v == vals[0]:
+                c.rank = "best"
+            elif v == vals[1] and len(cells) >= 3:
+                c.rank = "second"
+
+
+def render_table(db_path: str | Path, spec: TableSpec | dict | str | Path) -> TableResult:
+    """Run the table's query and pivot/aggregate/rank it into a :class:`TableResult`.
+
+    ``spec`` is a :class:`TableSpec`, a declaration dict, or the path of a YAML declaration.
+    """
+    if isinstance(spec, dict):
+        spec = spec_from_dict(spec)
+    elif not isinstance(spec, TableSpec):
+        spec = load_spec(spec)
+    where = f"table {spec.name} ({spec.source})"
+    keys = spec.rows + spec.columns
+    needed = keys + ([spec.seed] if spec.seed else []) + [spec.value]
+    df = _run_query(db_path, spec.query, needed, where)
+    agg = _aggregate(df, keys, spec.value, spec.seed, spec.aggregate, where) if len(df) else {}
+    nr = len(spec.rows)
+
+    # Column keys: those in the data, plus every declared value of the innermost level under
+    # each outer key present (e.g. all five caption metrics for each dataset), so a metric that
+    # was not computed shows as "--" instead of silently vanishing.
+    col_keys = {k[nr:] for k in agg}
+    leaf = spec.column_order.get(spec.columns[-1], [])
+    prefixes = {k[:-1] for k in col_keys} if len(spec.columns) > 1 else {()}
+    col_keys |= {p + (v,) for p in prefixes for v in leaf}
+    prefs = [[_key_str(p) for p in spec.column_order.get(c, [])] for c in spec.columns]
+    ordered = sorted(col_keys, key=lambda k: tuple(_ordered_key(x, p) for x, p in zip(k, prefs)))
+    columns = []
+    for k in ordered:
+        fmt = spec.column_format.get("/".join(_key_str(x) for x in k)) or spec.column_format.get(
+            _key_str(k[-1]), spec.fmt
+        )
+        columns.append(Column(key=k, headers=tuple(spec.label_of(x) for x in k), fmt=fmt))
+
+    row_keys = {k[:nr] for k in agg}
+    extra_aggs = []
+    for e in spec.extra_columns:
+        ewhere = f"{where}: extra column {e.name}"
+        eneeded = spec.rows + ([e.seed] if e.seed else []) + [e.value]
+        edf = _run_query(db_path, e.query, eneeded, ewhere)
+        eagg = _aggregate(edf, spec.rows, e.value, e.seed, e.aggregate, ewhere) if len(edf) else {}
+        row_keys |= set(eagg)
+        headers = ("",) * (len(spec.columns) - 1) + (e.label,)
+        extra_aggs.append(
+            (Column(key=(e.name,), headers=headers, fmt=e.fmt, extra=True), eagg, e.position)
+        )
+    columns = (
+        [c for c, _, pos in extra_aggs if pos == "first"]
+        + columns
+        + [c for c, _, pos in extra_aggs if pos == "last"]
+    )
+
+    row_pref = [_key_str(p) for p in spec.row_order]
+    rows = sorted(
+        row_keys, key=lambda k: (_ordered_key(k[0], row_pref),) + tuple(_sort_key(x) for x in k[1:])
+    )
+
+    cells: dict[tuple[tuple, int], Cell] = {}
+    extra_by_name = {c.key[0]: a for c, a, _ in extra_aggs}
+    for j, col in enumerate(columns):
+        for r in rows:
+            hit = extra_by_name[col.key[0]].get(r) if col.extra else agg.get(r + col.key)
+            if hit is None:
+                continue
+            mean, std, n = hit
+            s = col.fmt.scale
+            cells[(r, j)] = Cell(
+                mean * s, None if std is None else std * abs(s), n, col.fmt.decimals
+            )
+    result = TableResult(spec=spec, row_keys=rows, columns=columns, cells=cells)
+    _rank(result)
+    if result.empty:
+        log.warning("%s: no data yet; the table is written with a 'no results' row", where)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# writers
+
+_TEX_ESCAPES = {
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "\\": r"\textbackslash{}",
+    # OT1 (the default font encoding) has no < >: use math so plain pdflatex renders them.
+    "<": r"$<$",
+    ">": r"$>$",
+    # Unicode the papers use in labels, mapped to math so plain pdflatex compiles them.
+    "±": r"$\pm$",
+    "×": r"$\times$",
+    "→": r"$\rightarrow$",
+    "←": r"$\leftarrow$",
+}
+
+
+def latex_escape(text: Any) -> str:
+    """Escape LaTeX special characters in a plain-text cell."""
+    return "".join(_TEX_ESCAPES.get(ch, ch) for ch in str(text))
+
+
+def _header_groups(result: TableResult, level: int) -> list[tuple[str, int]]:
+    """Consecutive columns sharing key[:level+1] → (label, span); extra columns stand alone."""
+    groups: list[tuple[Any, str, int]] = []
+    for col in result.columns:
+        ident = ("__extra__", col.key) if col.extra else col.key[: level + 1]
+        if groups and groups[-1][0] == ident and not col.extra:
+            groups[-1] = (ident, groups[-1][1], groups[-1][2] + 1)
+        else:
+            groups.append((ident, col.headers[level], 1))
+    return [(label, span) for _, label, span in groups]
+
+
+def _cell_tex(cell: Cell | None) -> str:
+    if cell is None:
+        return MISSING
+    text = cell.text(r" $\pm$ ")
+    if cell.rank == "best":
+        return rf"\textbf{{{text}}}"
+    if cell.rank == "second":
+        return rf"\underline{{{text}}}"
+    return text
+
+
+def to_latex(result: TableResult) -> str:
+    """booktabs table (``table`` float with caption/label when declared)."""
+    spec, nr = result.spec, len(result.spec.rows)
+    ncols = nr + max(len(result.columns), 1)
+    lines = [r"\begin{table}[t]", r"\centering"]
+    if spec.caption_tex or spec.caption:
+        lines.append(rf"\caption{{{spec.caption_tex or latex_escape(spec.caption)}}}")
+    if spec.label:
+        lines.append(rf"\label{{{spec.label}}}")
+    lines += [rf"\begin{{tabular}}{{{'l' * nr}{'c' * (ncols - nr)}}}", r"\toprule"]
+    for level in range(len(spec.columns) - 1):
+        parts, rules, pos = [""] * nr, [], nr + 1
+        for label, span in _header_groups(result, level):
+            parts.append(
+                rf"\multicolumn{{{span}}}{{c}}{{{latex_escape(label)}}}"
+                if span > 1
+                else latex_escape(label)
+            )
+            if label:
+                rules.append(rf"\cmidrule(lr){{{pos}-{pos + span - 1}}}")
+            pos += span
+        lines.append(" & ".join(parts) + r" \\")
+        if rules:
+            lines.append(" ".join(rules))
+    header = [latex_escape(spec.label_of(c)) for c in spec.rows]
+    header += [latex_escape(c.headers[-1]) for c in result.columns] or [""]
+    lines += [" & ".join(header) + r" \\", r"\midrule"]
+    if result.empty:
+        lines.append(rf"\multicolumn{{{ncols}}}{{c}}{{(no results yet)}} \\")
+    else:
+        for r in result.row_keys:
+            parts = [latex_escape(spec.label_of(x)) for x in r]
+            parts += [_cell_tex(result.cells.get((r, j))) for j in range(len(result.columns))]
+            lines.append(" & ".join(parts) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def _flat_header(col: Column) -> str:
+    return " / ".join(h for h in col.headers if h)
+
+
+def to_markdown(result: TableResult) -> str:
+    """GitHub-flavoured Markdown table (bold best, <u>underlined</u> second)."""
+    spec = result.spec
+
+    def esc(s: str) -> str:
+        return str(s).replace("|", r"\|")
+
+    header = [esc(spec.label_of(c)) for c in spec.rows]
+    header += [esc(_flat_header(c)) for c in result.columns]
+    lines = []
+    if spec.caption or spec.caption_tex:
+        lines += [f"**{esc(spec.caption or spec.caption_tex)}**", ""]
+    lines += [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join([":---"] * len(spec.rows) + [":---:"] * len(result.columns)) + "|",
+    ]
+    if result.empty:
+        lines.append("| (no results yet) |" + " |" * (len(header) - 1))
+    for r in result.row_keys:
+        parts = [esc(spec.label_of(x)) for x in r]
+        for j in range(len(result.columns)):
+            cell = result.cells.get((r, j))
+            text = MISSING if cell is None else cell.text(" ± ")
+            if cell is not None and cell.rank == "best":
+                text = f"**{text}**"
+            elif cell is not None and cell.rank == "second":
+                text = f"<u>{text}</u>"
+            parts.append(text)
+        lines.append("| " + " | ".join(parts) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_dataframe(result: TableResult) -> pd.DataFrame:
+    """Wide numeric table: row keys, then per column the scaled mean and ``<key>_std``.
+
+    Missing cells are NaN (empty in CSV) so the file stays machine-readable.
+    """
+    spec = result.spec
+    records = []
+    for r in result.row_keys:
+        rec: dict[str, Any] = dict(zip(spec.rows, r))
+        for j, col in enumerate(result.columns):
+            name = "/".join(_key_str(x) for x in col.key)
+            cell = result.cells.get((r, j))
+            d = col.fmt.decimals
+            rec[name] = round(cell.mean, d) if cell else math.nan
+            if spec.aggregate == "mean_std":
+                rec[f"{name}_std"] = (
+                    round(cell.std, d) if cell and cell.std is not None else math.nan
+                )
+        records.append(rec)
+    if not records:
+        names = list(spec.rows)
+        for col in result.columns:
+            name = "/".join(_key_str(x) for x in col.key)
+            names += [name] + ([f"{name}_std"] if spec.aggregate == "mean_std" else [])
+        return pd.DataFrame(columns=names)
+    return pd.DataFrame.from_records(records)
+
+
+def to_csv(result: TableResult) -> str:
+    return to_dataframe(result).to_csv(index=False)
+
+
+def write_table(result: TableResult, out_dir: str | Path) -> list[Path]:
+    """Write ``<name>.tex``, ``<name>.csv`` and ``<name>.md`` atomically; return their paths."""
+    out_dir = Path(out_dir)
+    paths = []
+    for ext, text in (
+        ("tex", to_latex(result)),
+        ("csv", to_csv(result)),
+        ("md", to_markdown(result)),
+    ):
+        path = out_dir / f"{result.spec.name}.{ext}"
+        write_text_atomic(path, text)
+        paths.append(path)
+    return paths
+
+
+def render_all(db_path: str | Path, tables_dir: str | Path, out_dir: str | Path) -> list[Path]:
+    """Render every ``*.yaml`` declaration in ``tables_dir`` into ``out_dir``."""
+    specs = load_specs(tables_dir)
+    if not specs:
+        log.warning("no table declarations (*.yaml) in %s", tables_dir)
+    paths: list[Path] = []
+    for spec in specs:
+        paths += write_table(render_table(db_path, spec), out_dir)
+    return paths

@@ -1,0 +1,380 @@
+"""Results database: ingest of a realistic results tree (docs/outputs.md formats), rebuild
+semantics, schema versioning, read-only access and errors that name the bad file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+
+from vlalign.io_utils import stable_hash
+from vlalign.results.db import (
+    SCHEMA_VERSION,
+    ResultsInputError,
+    SchemaVersionError,
+    connect_readonly,
+    ingest,
+    query,
+)
+
+CAPTION_METRICS = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
+
+
+def _write_json(path: Path, obj: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2))
+
+
+def _write_stage(
+    results: Path,
+    stage: str,
+    key: dict,
+    rng: np.random.Generator,
+    steps: int,
+    start_loss: float,
+    decay: float,
+) -> str:
+    """One trained stage dir with a realistic train_log.csv; returns its hash."""
+    h = stable_hash({"stage": stage, **key})
+    d = results / "stages" / h
+    d.mkdir(parents=True, exist_ok=True)
+    lines = ["step,loss,lr,grad_norm,tokens_per_s,samples_per_s"]
+    for step in range(1, steps + 1):
+        loss = start_loss * np.exp(-decay * step) + 0.5 + 0.05 * rng.standard_normal()
+        lr = 1e-3 * 0.5 * (1 + np.cos(np.pi * step / steps))
+        lines.append(
+            f"{step},{loss:.5f},{lr:.3e},{rng.uniform(0.5, 3):.4f},"
+            f"{rng.uniform(9000, 11000):.1f},{rng.uniform(30, 40):.2f}"
+        )
+    (d / "train_log.csv").write_text("\n".join(lines) + "\n")
+    _write_json(d / "stage.json", {"stage": stage, "hash": h})
+    return h
+
+
+def _write_run(
+    results: Path,
+    run: str,
+    seed: int,
+    chain: list[tuple[str, str]],
+    config: dict,
+    recipe: str = "default",
+) -> None:
+    _write_json(
+        results / "runs" / run / "run.json",
+        {
+            "run": run,
+            "recipe": recipe,
+            "seed": seed,
+            "chain": [{"stage": s, "hash": h, "dir": f"results/stages/{h}"} for s, h in chain],
+            "config": config,
+            "git_commit": "0123abcd",
+            "packages": {"torch": "2.13.0"},
+            "start": "2025-05-01T10:00:00+02:00",
+            "end": "2025-05-01T10:20:00+02:00",
+            "device": "cpu",
+        },
+    )
+
+
+def _write_metrics(
+    results: Path, run: str, stage: str, values: dict[str, dict[str, float]], missing: list[str]
+) -> int:
+    records = [
+        {
+            "run": run,
+            "stage": stage,
+            "dataset": ds,
+            "split": "test",
+            "metric": m,
+            "value": v,
+            "decoding": {"num_beams": 5, "max_new_tokens": 32},
+        }
+        for ds, mv in values.items()
+        for m, v in mv.items()
+    ]
+    _write_json(
+        results / "runs" / run / "metrics.json",
+        {
+            "schema_version": 1,
+            "run": run,
+            "records": records,
+            "missing": [
+                {"metric": m, "reason": "Stanford CoreNLP jars not found"} for m in missing
+            ],
+        },
+    )
+    return len(records)
+
+
+def _write_curve(results: Path, run: str, n: int, alpha: float) -> None:
+    s = np.arange(1, n + 1, dtype=float) ** -alpha
+    cum = np.cumsum(s / s.sum())
+    eff = (int(np.searchsorted(cum, 0.9)) + 1) / n
+    _write_json(
+        results / "runs" / run / "rank_curve.json",
+        {
+            "run": run,
+            "k": list(range(1, n + 1)),
+            "cumulative": [float(c) for c in cum],
+            "threshold": 0.9,
+            "effective_rank": eff,
+        },
+    )
+
+
+def make_results_tree(root: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, int]:
+    """A results tree like the pipeline writes: stage chains, seeds, recap vs human captions,
+    PEFT methods with prefix-length variants, rank curves, a reference LM curve and a run still
+    in progress. Returns the expected row count per table."""
+    results = root / "results"
+    rng = np.random.default_rng(0)
+    n = {"runs": 0, "metrics": 0, "missing_metrics": 0, "train_log": 0, "rank_curve": 0}
+    steps = {"stage0": 12, "stage1": 10, "prefix": 8, "lora": 9}
+
+    def chain_of(stages: list[str], key: dict, start: float, decay: float):
+        out = []
+        for s in stages:
+            out.append((s, _write_stage(results, s, key, rng, steps[s], start, decay)))
+            n["train_log"] += steps[s]
+        return out
+
+    for seed in seeds:
+        # seed 002: recaptioned vs human text, stage0 > stage1
+        for data, decay in (("recap", 0.25), ("human", 0.1)):
+            run = f"{data}_s{seed}"
+            chain = chain_of(["stage0", "stage1"], {"data": data, "seed": seed}, 4.0, decay)
+            _write_run(results, run, seed, chain, {"seed": seed, "data": {"text": data}})
+            base = 0.75 if data == "recap" else 0.70
+            vals = {
+                ds: {
+                    m: float(np.clip(base - 0.05 * i + 0.01 * rng.standard_normal(), 0, 1))
+                    for i, m in enumerate(CAPTION_METRICS)
+                }
+                for ds in ("world", "world_target")
+            }
+            vals["world_target"]["CIDEr"] = 1.1 + 0.02 * rng.standard_normal()
+            n["metrics"] += _write_metrics(results, run, "stage1", vals, ["SPICE"])
+            n["missing_metrics"] += 1
+            n["runs"] += 1
+        # seed 003: PEFT methods and orders, prefix length variants
+        for method, stages, plen in (
+            ("lora", ["lora"], None),
+            ("prefix_lora", ["prefix", "lora"], 16),
+            ("prefix_lora_p4", ["prefix", "lora"], 4),
+            ("lora_prefix", ["lora", "prefix"], 16),
+        ):
+            run = f"{method}_s{seed}"
+            key = {"method": method, "seed": seed}
+            chain = chain_of(stages, key, 3.0, 0.2)
+            peft = {"method": "lora", "r": 16}
+            if plen is not None:
+                peft["prefix_length"] = plen
+            _write_run(results, run, seed, chain, {"seed": seed, "peft": peft})
+            cider = {
+                "lora": 1.17,
+                "prefix_lora": 1.31,
+                "prefix_lora_p4": 1.22,
+                "lora_prefix": 1.20,
+            }[method] + 0.004 * rng.standard_normal()
+            vals = {
+                "world_target": {
+                    "Bleu_4": 0.35 + 0.01 * rng.standard_normal(),
+                    "CIDEr": cider,
+                    "trainable_pct": 0.54 if plen else 0.5,
+                    "effective_rank_0.9": 0.5 + 0.05 * rng.standard_normal(),
+                }
+            }
+            n["metrics"] += _write_metrics(results, run, stages[-1], vals, ["SPICE"])
+            n["missing_metrics"] += 1
+            _write_curve(results, run, 64, 0.9 + 0.3 * (method == "lora"))
+            n["rank_curve"] += 64
+            n["runs"] += 1
+    # reference LM: a curve only; a run in progress: run.json only
+    _write_curve(results, "_reference_lm", 64, 0.8)
+    n["rank_curve"] += 64
+    chain = chain_of(["stage0"], {"data": "pending"}, 4.0, 0.2)
+    _write_run(results, "pending_s0", 0, chain, {"seed": 0})
+    n["runs"] += 1
+    (results / "runs" / "empty_dir").mkdir()  # a run that has not written anything yet
+    return n
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> tuple[Path, Path, dict[str, int]]:
+    expected = make_results_tree(tmp_path, seeds=(0, 1))
+    return tmp_path / "results", tmp_path / "results" / "results.duckdb", expected
+
+
+def _snapshot(db: Path) -> dict:
+    con = connect_readonly(db)
+    try:
+        return {
+            t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall()
+            for t in ("runs", "metrics", "missing_metrics", "train_log", "rank_curve")
+        }
+    finally:
+        con.close()
+
+
+def test_ingest_counts_and_idempotent(tree):
+    results, db, expected = tree
+    counts = ingest(results, db)
+    for table, n in expected.items():
+        assert counts[table] == n, table
+    assert counts["rank_summary"] == expected["rank_curve"] // 64
+    first = _snapshot(db)
+    assert ingest(results, db) == counts
+    assert _snapshot(db) == first
+    assert query(db, "SELECT schema_version FROM meta")["schema_version"].tolist() == [
+        SCHEMA_VERSION
+    ]
+    # nothing but the database itself is left in the results directory
+    assert not [p for p in results.iterdir() if p.name.startswith(".results.duckdb")]
+
+
+def test_runs_and_train_log_content(tree):
+    results, db, _ = tree
+    ingest(results, db)
+    runs = query(db, "SELECT * FROM runs ORDER BY run").set_index("run")
+    assert runs.loc["prefix_lora_s1", "stage_chain"] == "prefix>lora"
+    assert len(json.loads(runs.loc["prefix_lora_s1", "stage_hashes"])) == 2
+    assert runs.loc["recap_s0", "start_time"].hour == 8  # +02:00 stored as UTC
+    # a run without metrics.json yet is still listed
+    assert "pending_s0" in runs.index
+    assert query(db, "SELECT count(*) AS n FROM metrics WHERE run='pending_s0'")["n"][0] == 0
+    # the config is JSON that SQL can reach into
+    pl = query(
+        db,
+        "SELECT run, CAST(json_extract(config, '$.peft.prefix_length') AS INT) AS p "
+        "FROM runs WHERE run LIKE 'prefix_lora%' ORDER BY run",
+    )
+    assert pl["p"].tolist() == [4, 4, 16, 16]  # prefix_lora_p4_s* sort first
+    # a run's train log is its chain's stage logs, concatenated in chain order
+    log = query(db, "SELECT * FROM train_log WHERE run='lora_prefix_s0' ORDER BY global_step")
+    assert log["stage"].tolist() == ["lora"] * 9 + ["prefix"] * 8
+    assert log["global_step"].tolist() == list(range(17))
+    assert log["step"].tolist() == list(range(1, 10)) + list(range(1, 9))
+    assert log[["loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s"]].notna().all().all()
+    missing = query(db, "SELECT DISTINCT metric, reason FROM missing_metrics")
+    assert missing["metric"].tolist() == ["SPICE"]
+    dec = query(db, "SELECT DISTINCT json_extract(decoding, '$.num_beams')::INT AS b FROM metrics")
+    assert dec["b"].tolist() == [5]
+
+
+def test_deleted_run_disappears(tree):
+    results, db, expected = tree
+    ingest(results, db)
+    shutil.rmtree(results / "runs" / "lora_s1")
+    counts = ingest(results, db)
+    assert counts["runs"] == expected["runs"] - 1
+    for table in ("runs", "metrics", "missing_metrics", "train_log", "rank_curve"):
+        assert query(db, f"SELECT count(*) AS n FROM {table} WHERE run='lora_s1'")["n"][0] == 0
+
+
+def test_schema_version_mismatch(tree):
+    results, db, _ = tree
+    ingest(results, db)
+    con = duckdb.connect(str(db))
+    con.execute("UPDATE meta SET schema_version = 99")
+    con.close()
+    with pytest.raises(SchemaVersionError, match=r"version is 99.*reads version 1"):
+        connect_readonly(db)
+    with pytest.raises(SchemaVersionError):
+        query(db, "SELECT 1")
+    other = db.parent / "other.duckdb"
+    duckdb.connect(str(other)).close()
+    with pytest.raises(SchemaVersionError, match="not a vlalign results database"):
+        connect_readonly(other)
+    with pytest.raises(FileNotFoundError, match="nope.duckdb"):
+        connect_readonly(db.parent / "nope.duckdb")
+
+
+def test_readonly_connection_cannot_write(tree):
+    results, db, _ = tree
+    ingest(results, db)
+    con = connect_readonly(db)
+    try:
+        with pytest.raises(duckdb.Error, match="read-only"):
+            con.execute("DELETE FROM runs")
+        with pytest.raises(duckdb.Error, match="read-only"):
+            con.execute("CREATE TABLE x (a INT)")
+    finally:
+        con.close()
+    assert query(db, "SELECT count(*) AS n FROM runs")["n"][0] > 0
+
+
+@pytest.mark.parametrize(
+    "corrupt, match",
+    [
+        (
+            lambda r: (r / "runs/lora_s0/metrics.json").write_text("{not json"),
+            r"runs/lora_s0/metrics\.json: invalid JSON",
+        ),
+        (
+            lambda r: _write_json(
+                r / "runs/lora_s0/metrics.json",
+                {
+                    "schema_version": 1,
+                    "run": "lora_s0",
+                    "records": [{"metric": "CIDEr", "value": None, "stage": "lora"}],
+                },
+            ),
+            r"runs/lora_s0/metrics\.json: records\[0\] \(CIDEr\).*not a finite number",
+        ),
+        (
+            lambda r: _write_json(
+                r / "runs/lora_s0/metrics.json",
+                {"schema_version": 2, "run": "lora_s0", "records": []},
+            ),
+            r"metrics\.json: schema_version is 2",
+        ),
+        (
+            lambda r: _write_json(r / "runs/lora_s0/run.json", {"run": "other", "chain": []}),
+            r"runs/lora_s0/run\.json: 'run' is 'other'",
+        ),
+        (
+            lambda r: _write_json(
+                r / "runs/lora_s0/rank_curve.json", {"k": [1, 2], "cumulative": [0.5]}
+            ),
+            r"rank_curve\.json: 'k' has 2 entries but 'cumulative' 1",
+        ),
+    ],
+)
+def test_bad_input_names_the_file(tree, corrupt, match):
+    results, db, _ = tree
+    ingest(results, db)
+    before = _snapshot(db)
+    corrupt(results)
+    with pytest.raises(ResultsInputError, match=match):
+        ingest(results, db)
+    # the failed rebuild left the previous database intact and no temp files behind
+    assert _snapshot(db) == before
+    assert sorted(p.name for p in results.iterdir()) == ["results.duckdb", "runs", "stages"]
+
+
+def test_train_log_bad_columns(tree):
+    results, db, _ = tree
+    run = json.loads((results / "runs/recap_s0/run.json").read_text())
+    csv = results / "stages" / run["chain"][1]["hash"] / "train_log.csv"
+    text = csv.read_text()
+    csv.write_text(text.replace(",grad_norm", ",gradnorm", 1))
+    with pytest.raises(ResultsInputError, match=rf"{csv}: missing column\(s\) \['grad_norm'\]"):
+        ingest(results, db)
+    lines = text.splitlines()
+    lines[3] = lines[3].replace(lines[3].split(",")[1], "oops", 1)
+    csv.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ResultsInputError, match=rf"{csv}: row 4 column 'loss'.*'oops'"):
+        ingest(results, db)
+
+
+def test_empty_results_dir(tmp_path):
+    (tmp_path / "results").mkdir()
+    counts = ingest(tmp_path / "results", tmp_path / "r.duckdb")
+    assert set(counts.values()) == {0}
+    assert query(tmp_path / "r.duckdb", "SELECT * FROM runs").empty
+    with pytest.raises(FileNotFoundError, match="missing_dir"):
+        ingest(tmp_path / "missing_dir", tmp_path / "r.duckdb")
