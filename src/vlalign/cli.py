@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("vlalign")
@@ -101,6 +102,67 @@ def cmd_backbone(args: argparse.Namespace) -> None:
     )
 
 
+# ---------------------------------------------------------------------------------- training
+def cmd_features(args: argparse.Namespace) -> None:
+    from vlalign.train.features import build_feature_cache
+
+    p = args.params["features"]
+    index = build_feature_cache(args.vision, args.data, args.out, p["batch_size"], p["dtype"])
+    log.info("features -> %s: %s", args.out, {k: v["shape"] for k, v in index["splits"].items()})
+
+
+def gpus_to_use() -> int:
+    """GPUs this job may use: SLURM / CUDA_VISIBLE_DEVICES already restrict what torch sees."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    import os
+
+    n_gpus = gpus_to_use()
+    if args.launch == "auto" and n_gpus > 1 and "LOCAL_RANK" not in os.environ:
+        # Re-exec under accelerate with one process per granted GPU (single node).
+        argv = [
+            "accelerate",
+            "launch",
+            "--num_processes",
+            str(n_gpus),
+            "--multi_gpu",
+            "-m",
+            "vlalign",
+            *sys.argv[1:],
+        ]
+        log.info("launching on %d GPUs: %s", n_gpus, " ".join(argv))
+        os.execvp(argv[0], argv)
+
+    from vlalign.train.loop import StagePaths, train_stage
+
+    p = args.params
+    paths = StagePaths(
+        out=Path(args.out),
+        checkpoint_dir=Path(args.checkpoint_dir),
+        tokenizer=Path(args.tokenizer),
+        vision=Path(args.vision),
+        lm=Path(args.lm),
+        data=Path(args.data),
+        parent=Path(args.parent) if args.parent else None,
+        features=Path(args.features) if args.features else None,
+    )
+    from vlalign.peft.stage import peft_hook  # parent PEFT methods are re-attached, if any
+
+    train_stage(
+        p["settings"],
+        paths,
+        name=p["name"],
+        stage_hash=p["hash"],
+        seed=p["seed"],
+        model_cfg=p.get("model", {}),
+        peft_hook=peft_hook,
+    )
+
+
 # ---------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlalign", description=__doc__.splitlines()[0])
@@ -130,10 +192,48 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_backbone)
+
+    s = sub.add_parser("features", help="cache frozen vision features of a dataset")
+    s.add_argument("--params", type=_json, required=True, help='{"features": {...}}')
+    s.add_argument("--vision", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_features)
+
+    s = sub.add_parser("train", help="train one stage (resumes from its checkpoint dir)")
+    s.add_argument(
+        "--params",
+        type=_json,
+        required=True,
+        help='{"settings":..., "name":..., "hash":..., "seed":..., "model":...}',
+    )
+    s.add_argument("--out", required=True)
+    s.add_argument("--checkpoint-dir", required=True)
+    s.add_argument("--tokenizer", required=True)
+    s.add_argument("--vision", required=True, help="pre-trained vision backbone dir")
+    s.add_argument("--lm", required=True, help="pre-trained LM dir")
+    s.add_argument("--data", required=True)
+    s.add_argument("--parent", help="parent stage dir (omit for a first stage)")
+    s.add_argument("--features", help="frozen-feature cache dir")
+    s.add_argument(
+        "--launch",
+        choices=["auto", "here"],
+        default="auto",
+        help="auto: one process per visible GPU via accelerate launch",
+    )
+    s.set_defaults(func=cmd_train)
+
+    # Listed for --help; main() hands `vlalign results ...` to vlalign.results.main.
+    sub.add_parser("results", help='results DB: ingest | tables | plots | query "<SQL>"')
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["results"]:  # its own parser (vlalign.results), help included
+        from vlalign.results import main as results_main
+
+        return results_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -142,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError) as e:  # bad input: a clear message, no traceback
         log.error("%s", e)
         return 2
     return 0

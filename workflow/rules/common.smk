@@ -36,4 +36,5 @@ def final_outputs():
         f"{R}/tokenizer",
         f"{R}/backbones/vision",
         f"{R}/backbones/lm",
+        *[f"{R}/stages/{h}" for run in RUNS.values() for h in run.stages[-1:]],
     ]

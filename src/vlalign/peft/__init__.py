@@ -1,0 +1,61 @@
+"""PEFT methods for PT-PEFT (SPEC §5): prefix-tuning, LoRA, S-/P-Adapter, full fine-tuning.
+
+Usage::
+
+    from vlalign.peft import apply_methods, forward_kwargs, get_method
+
+    prefix, lora = apply_methods(vlm, [("prefix", {"num_prefix": 16}), ("lora", {})])
+    lora.set_trainable(False)                       # prefix→LoRA, phase A: prefix only
+    out = vlm(..., **forward_kwargs([prefix, lora], batch_size))
+    lora.set_trainable(True)                        # phase B: LoRA and the prefix
+    generate(vlm, ..., prefix_cache_fn=prefix.cache_fn)
+
+A new method is one module with a ``@register("name")`` subclass of :class:`PeftMethod`,
+imported below.
+"""
+
+from vlalign.peft import adapters, full, lora, prefix  # noqa: F401  (registers the methods)
+from vlalign.peft.adapters import Bottleneck, bottleneck_for_budget
+from vlalign.peft.prefix import (
+    PREFIX_VARIANTS,
+    FrozenPrefix,
+    PrefixEncoder,
+    PrefixModule,
+    kv_geometry,
+    load_prefix,
+    prefix_position_ids,
+    prefix_variant,
+)
+from vlalign.peft.registry import (
+    PEFT_METHODS,
+    PeftMethod,
+    apply_methods,
+    count_trainable,
+    forward_kwargs,
+    get_method,
+    load_methods,
+    register,
+    save_methods,
+)
+
+__all__ = [
+    "PEFT_METHODS",
+    "PREFIX_VARIANTS",
+    "Bottleneck",
+    "FrozenPrefix",
+    "PeftMethod",
+    "PrefixEncoder",
+    "PrefixModule",
+    "apply_methods",
+    "bottleneck_for_budget",
+    "count_trainable",
+    "forward_kwargs",
+    "get_method",
+    "kv_geometry",
+    "load_methods",
+    "load_prefix",
+    "prefix_position_ids",
+    "prefix_variant",
+    "register",
+    "save_methods",
+]

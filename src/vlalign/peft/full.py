@@ -1,0 +1,38 @@
+"""Full fine-tuning of the LM (seed 003 "Full-FT"): every LM parameter is trained except, by
+default, the word embeddings and the LM head (frozen throughout for captioning, App. B.5).
+
+Vision encoder and projector are not touched. With tied embeddings (Qwen2.5-0.5B) embedding and
+head are one tensor: ``train_embeddings`` and ``train_lm_head`` must then agree.
+Saving writes the trained LM tensors only (everything but the frozen embeddings/head and the
+parameters of other PEFT methods). Key names are taken when ``full`` is applied, so reload a
+composition in the same order (:func:`vlalign.peft.load_methods` does).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from vlalign.peft.registry import PeftMethod, embedding_parameters, owner, register
+
+
+@register("full")
+class FullFineTuning(PeftMethod):
+    defaults: dict[str, Any] = {}
+
+    def _attach(self, lm: nn.Module, cfg: dict[str, Any]) -> nn.Module:
+        # fixed at attach time: parameters of methods applied before (LoRA, adapters) or after
+        # stay theirs, so nothing is saved or optimised twice
+        emb, head = embedding_parameters(lm)
+        excluded = {id(p) for p in emb + head}  # handled by the common train_* flags
+        self._params = {
+            f"lm.{n}": p
+            for n, p in lm.named_parameters()
+            if id(p) not in excluded and owner(p) is None
+        }
+        return lm
+
+    def _own_parameters(self) -> dict[str, nn.Parameter]:
+        self._require_applied()
+        return dict(self._params)

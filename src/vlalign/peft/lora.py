@@ -1,0 +1,91 @@
+"""LoRA on the LM's attention projections via ``peft`` (seed 003 B.5: q, k, v; r=16, α=32,
+dropout 0.05).
+
+Injected into the *LM only* (``vlm.lm``) with ``peft.inject_adapter_in_model``: SigLIP uses the
+same ``q_proj``/``k_proj``/``v_proj`` names, so targeting the whole VLM would adapt the vision
+tower too (notes §3b). The LM stays a plain ``Qwen2ForCausalLM`` (``generate`` unchanged), only
+its attention projections become ``lora.Linear`` wrappers. peft marks everything but the adapters
+as frozen when injecting; we restore the previous ``requires_grad`` flags so that LoRA composes
+with methods applied before it (e.g. ``full``).
+
+The LoRA weights are saved by :meth:`PeftMethod.save` (keys = LM parameter names), independent
+of any prefix (nesting under a peft prefix model lost them, notes §3c).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from vlalign.peft.registry import PeftMethod, register
+
+
+@register("lora")
+class LoraMethod(PeftMethod):
+    defaults = {
+        "r": 16,
+        "alpha": 32,
+        "dropout": 0.05,
+        "target_modules": ["q_proj", "k_proj", "v_proj"],
+        "adapter_name": "lora",
+    }
+
+    def _attach(self, lm: nn.Module, cfg: dict[str, Any]) -> nn.Module:
+        if any(isinstance(m, BaseTunerLayer) for m in lm.modules()):
+            raise ValueError("this LM already holds peft adapter layers; apply LoRA only once")
+        peft_cfg = LoraConfig(
+            r=int(cfg["r"]),
+            lora_alpha=cfg["alpha"],
+            lora_dropout=float(cfg["dropout"]),
+            target_modules=cfg["target_modules"],
+            bias="none",
+        )
+        flags = {id(p): p.requires_grad for p in lm.parameters()}
+        try:
+            inject_adapter_in_model(peft_cfg, lm, adapter_name=cfg["adapter_name"])
+        except ValueError as err:  # e.g. "Target modules ... not found in the base model"
+            raise ValueError(f"LoRA target_modules {cfg['target_modules']}: {err}") from err
+        for p in lm.parameters():  # undo peft's "only adapters trainable" on existing params
+            if id(p) in flags:
+                p.requires_grad_(flags[id(p)])
+        for module in lm.modules():  # new dropout modules start in train mode: follow the LM
+            if isinstance(module, BaseTunerLayer):
+                module.train(lm.training)
+        name = cfg["adapter_name"]
+        layers = nn.ModuleDict()
+        for mod_name, module in lm.named_modules():
+            if isinstance(module, BaseTunerLayer) and name in getattr(module, "lora_A", {}):
+                key = mod_name.replace(".", "__")
+                layers[key] = nn.ModuleDict({"A": module.lora_A[name], "B": module.lora_B[name]})
+        return layers
+
+    def _own_parameters(self) -> dict[str, nn.Parameter]:
+        lm = self._require_applied()
+        tag = f".{self.cfg['adapter_name']}."
+        return {
+            n: p for n, p in lm.named_parameters() if ("lora_A" in n or "lora_B" in n) and tag in n
+        }
+
+    def adapted_modules(self) -> list[str]:
+        """LM module names that received LoRA (e.g. ``model.layers.0.self_attn.q_proj``)."""
+        lm = self._require_applied()
+        return [n for n, m in lm.named_modules() if isinstance(m, BaseTunerLayer)]
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold ``B·A·α/r`` into the base weights and put the plain ``nn.Linear`` modules back,
+        so the LM can be saved with ``save_pretrained`` and reloaded without peft. The method is
+        detached afterwards (it owns no parameters any more)."""
+        lm = self._require_applied()
+        for name, module in list(lm.named_modules()):
+            if isinstance(module, BaseTunerLayer):
+                module.merge(adapter_names=[self.cfg["adapter_name"]])
+                parent_name, _, child = name.rpartition(".")
+                parent = lm.get_submodule(parent_name) if parent_name else lm
+                setattr(parent, child, module.get_base_layer())
+        if hasattr(lm, "peft_config"):
+            del lm.peft_config
+        self.lm, self.module = None, None
+        return lm

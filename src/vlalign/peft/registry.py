@@ -1,0 +1,387 @@
+"""PEFT method registry and the :class:`PeftMethod` base (PT-PEFT, SPEC §5).
+
+A method is a class registered with ``@register("name")``. One instance is attached to one model
+with :meth:`PeftMethod.apply` and then owns exactly its parameters: it lists them for the
+optimiser, freezes/unfreezes them (phase A / phase B of ``prefix→X``), saves and restores only
+them. Methods compose: ``prefix`` + ``lora`` / ``s_adapter`` / ``p_adapter`` / ``full`` can be
+applied to the same model in any order.
+
+Composition rule for ``requires_grad``: every parameter a method owns is tagged with the method
+name (an attribute on the ``Parameter``). ``apply(..., freeze_base=True)`` freezes every
+*untagged* parameter of the model (vision, projector, LM), so applying a second method never
+re-freezes what an earlier one made trainable. Word embeddings and the LM head are frozen for
+every method unless its config sets ``train_embeddings`` / ``train_lm_head`` (seed 003 B.5).
+
+On disk (:meth:`PeftMethod.save`): ``<dir>/peft_method.json`` (name, resolved config) and
+``<dir>/weights.safetensors`` (only the method's own tensors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vlalign.io_utils import atomic_path
+
+PEFT_METHODS: dict[str, type[PeftMethod]] = {}
+METHOD_FILE = "peft_method.json"
+WEIGHTS_FILE = "weights.safetensors"
+COMPOSITION_FILE = "peft_methods.json"
+FORMAT_VERSION = 1
+_OWNER_ATTR = "_vlalign_peft_owner"
+# config keys every method accepts (SPEC §5: embeddings and head frozen by default)
+COMMON_DEFAULTS: dict[str, Any] = {"train_embeddings": False, "train_lm_head": False}
+
+M = TypeVar("M", bound="type[PeftMethod]")
+
+
+def register(name: str) -> Callable[[M], M]:
+    """Class decorator: make a :class:`PeftMethod` subclass available as ``name``."""
+
+    def deco(cls: M) -> M:
+        if name in PEFT_METHODS and PEFT_METHODS[name] is not cls:
+            raise ValueError(f"PEFT method {name!r} is already registered by {PEFT_METHODS[name]}")
+        cls.name = name
+        PEFT_METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_method(name: str) -> type[PeftMethod]:
+    """The registered class for ``name``; ValueError listing the known names otherwise."""
+    import vlalign.peft  # noqa: F401  (the package import registers the built-in methods)
+
+    if name not in PEFT_METHODS:
+        raise ValueError(f"unknown PEFT method {name!r}; known: {sorted(PEFT_METHODS)}")
+    return PEFT_METHODS[name]
+
+
+# ---------------------------------------------------------------------------- model helpers
+def get_lm(model: nn.Module) -> nn.Module:
+    """The decoder LM of a ``VisionLanguageModel`` (``model.lm``), or ``model`` itself."""
+    lm = getattr(model, "lm", None)
+    if isinstance(lm, nn.Module) and hasattr(lm, "config"):
+        return lm
+    if not hasattr(model, "config"):
+        raise TypeError(
+            f"{type(model).__name__} is neither a HF decoder LM (no .config) "
+            "nor a model with an .lm"
+        )
+    return model
+
+
+def text_config(lm: nn.Module) -> Any:
+    cfg = lm.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def decoder_layers(lm: nn.Module) -> nn.ModuleList:
+    """The LM's list of decoder layers (each with ``self_attn`` and ``mlp``), e.g.
+    ``Qwen2ForCausalLM.model.layers``."""
+    for module in lm.modules():
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module) > 0
+            and all(hasattr(m, "self_attn") and hasattr(m, "mlp") for m in module)
+        ):
+            return module
+    raise ValueError(f"{type(lm).__name__}: no ModuleList of decoder layers with self_attn/mlp")
+
+
+def embedding_parameters(lm: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(word embedding params, LM head params)``; with tied weights both hold the same tensor."""
+    emb = lm.get_input_embeddings()
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    return list(emb.parameters()), list(head.parameters()) if head is not None else []
+
+
+def owner(param: nn.Parameter) -> str | None:
+    return getattr(param, _OWNER_ATTR, None)
+
+
+def tag_parameters(params: Iterable[nn.Parameter], name: str) -> None:
+    """Mark ``params`` as owned by PEFT method ``name`` (see the module doc)."""
+    for p in params:
+        setattr(p, _OWNER_ATTR, name)
+
+
+def freeze_untagged(model: nn.Module) -> None:
+    """Freeze every parameter of ``model`` that no applied PEFT method owns."""
+    for p in model.parameters():
+        if owner(p) is None:
+            p.requires_grad_(False)
+
+
+def unique_parameters(modules: Iterable[nn.Module | None]) -> Iterator[nn.Parameter]:
+    seen: set[int] = set()
+    for module in modules:
+        if module is None:
+            continue
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield p
+
+
+def count_trainable(*modules: nn.Module | None) -> tuple[int, float]:
+    """``(trainable params, 100 * trainable / total)`` over the union of ``modules`` (shared or
+    tied parameters counted once), e.g. ``count_trainable(vlm, prefix_encoder)``."""
+    params = list(unique_parameters(modules))
+    total = sum(p.numel() for p in params)
+    n = sum(p.numel() for p in params if p.requires_grad)
+    return n, (100.0 * n / total if total else 0.0)
+
+
+# ---------------------------------------------------------------------------- base class
+class PeftMethod:
+    """Base of every PEFT method. Subclasses set ``defaults`` and implement :meth:`_attach` and
+    :meth:`_own_parameters` (and :meth:`forward_kwargs` if the LM forward needs extra inputs)."""
+
+    name: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self) -> None:
+        self.cfg: dict[str, Any] = {}
+        self.lm: nn.Module | None = None
+        self.module: nn.Module | None = None
+
+    # -- to implement ------------------------------------------------------------------
+    def _attach(self, lm: nn.Module, cfg: dict[str, Any]) -> nn.Module:
+        """Attach to ``lm``; return the module holding the new parameters."""
+        raise NotImplementedError
+
+    def _own_parameters(self) -> dict[str, nn.Parameter]:
+        """Name → parameter for what this method trains (embeddings/head excluded)."""
+        raise NotImplementedError
+
+    def forward_kwargs(self, batch_size: int) -> dict[str, Any]:
+        """Extra keyword arguments for one model forward (e.g. a fresh prefix cache)."""
+        return {}
+
+    # -- lifecycle ----------------------------------------------------------------------
+    @classmethod
+    def resolve_config(cls, cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Defaults + ``cfg``; unknown keys → ValueError naming them."""
+        known = {**COMMON_DEFAULTS, **cls.defaults}
+        cfg = dict(cfg or {})
+        unknown = sorted(set(cfg) - set(known))
+        if unknown:
+            raise ValueError(
+                f"PEFT method {cls.name!r}: unknown config keys {unknown}; known: {sorted(known)}"
+            )
+        return {**known, **cfg}
+
+    @property
+    def applied(self) -> bool:
+        return self.lm is not None
+
+    def _require_applied(self) -> nn.Module:
+        if self.lm is None:
+            raise RuntimeError(f"PEFT method {self.name!r} has not been applied to a model yet")
+        return self.lm
+
+    def apply(
+        self,
+        model: nn.Module,
+        cfg: Mapping[str, Any] | None = None,
+        freeze_base: bool = True,
+    ) -> nn.Module:
+        """Attach to ``model`` (a ``VisionLanguageModel`` — only its ``.lm`` is touched — or a
+        HF decoder LM) and make this method's parameters trainable. With ``freeze_base`` every
+        parameter not owned by an applied method is frozen first. Returns the module holding the
+        new parameters (e.g. the prefix encoder; the LM itself for ``full``)."""
+        if self.applied:
+            raise RuntimeError(f"PEFT method {self.name!r} is already applied; make a new one")
+        self.cfg = self.resolve_config(cfg)
+        lm = get_lm(model)
+        if freeze_base:
+            freeze_untagged(model)
+        self.lm = lm
+        self.module = self._attach(lm, self.cfg)
+        tag_parameters(self.trainable_parameters(), self.name)
+        self.set_trainable(True)
+        return self.module
+
+    def named_trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Own parameters plus, if the config says so, ``lm.``-prefixed embedding/head params."""
+        lm = self._require_applied()
+        named = dict(self._own_parameters())
+        emb, head = embedding_parameters(lm)
+        ids = {id(p) for p in named.values()}
+        lm_names = {id(p): n for n, p in lm.named_parameters(remove_duplicate=False)}
+        for flag, params in (("train_embeddings", emb), ("train_lm_head", head)):
+            if self.cfg.get(flag):
+                for p in params:
+                    if id(p) not in ids:
+                        ids.add(id(p))
+                        named[f"lm.{lm_names[id(p)]}"] = p
+        return named
+
+    def trainable_parameters(self, model: nn.Module | None = None) -> list[nn.Parameter]:
+        """The parameters this method trains (``model`` is accepted for protocol symmetry)."""
+        return list(self.named_trainable_parameters().values())
+
+    def set_trainable(self, trainable: bool) -> None:
+        """Unfreeze (phase B, parallel) or freeze (e.g. X during ``prefix→X`` phase A) this
+        method's parameters; embeddings/head stay frozen unless the config unfreezes them."""
+        own = self.named_trainable_parameters()
+        lm = self._require_applied()
+        emb, head = embedding_parameters(lm)
+        # a method that owns the whole LM (full FT) must still leave frozen embeddings frozen
+        frozen = set()
+        if not self.cfg.get("train_embeddings"):
+            frozen |= {id(p) for p in emb}
+        if not self.cfg.get("train_lm_head"):
+            frozen |= {id(p) for p in head}
+        tied = {id(p) for p in emb} & {id(p) for p in head}
+        if tied and self.cfg.get("train_embeddings") != self.cfg.get("train_lm_head"):
+            raise ValueError(
+                f"PEFT method {self.name!r}: word embeddings and LM head are tied; set "
+                "train_embeddings and train_lm_head to the same value"
+            )
+        for p in own.values():
+            p.requires_grad_(trainable and id(p) not in frozen)
+
+    def count_trainable(self, model: nn.Module) -> tuple[int, float]:
+        """Trainable parameters (all methods together) over ``model`` + this method's module."""
+        return count_trainable(model, self.module)
+
+    # -- persistence --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This method's tensors only (detached), keyed by stable names."""
+        return {k: p.detach() for k, p in self.named_trainable_parameters().items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "state") -> None:
+        """Copy ``state`` into this method's parameters; key or shape mismatch → ValueError."""
+        named = self.named_trainable_parameters()
+        missing, unexpected = sorted(set(named) - set(state)), sorted(set(state) - set(named))
+        if missing or unexpected:
+            raise ValueError(
+                f"{source}: PEFT method {self.name!r} state mismatch; missing keys {missing[:8]}, "
+                f"unexpected keys {unexpected[:8]}"
+            )
+        with torch.no_grad():
+            for key, p in named.items():
+                t = state[key]
+                if t.shape != p.shape:
+                    raise ValueError(
+                        f"{source}: {key!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)}"
+                    )
+                p.copy_(t.to(device=p.device, dtype=p.dtype))
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Atomically write ``peft_method.json`` + ``weights.safetensors`` into ``directory``."""
+        self._require_applied()
+        meta = {"format_version": FORMAT_VERSION, "method": self.name, "config": self.cfg}
+        # safetensors refuses shared storage: clone (tied params are deduplicated by name already)
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
+        with atomic_path(directory, is_dir=True) as tmp:
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"method": self.name})
+            (tmp / METHOD_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        return Path(directory)
+
+    def load(self, directory: str | os.PathLike) -> None:
+        """Restore weights saved by :meth:`save` into this (already applied) method."""
+        self._require_applied()
+        meta = read_method_meta(directory)
+        if meta["method"] != self.name:
+            raise ValueError(
+                f"{Path(directory) / METHOD_FILE}: holds method {meta['method']!r}, "
+                f"not {self.name!r}"
+            )
+        weights = Path(directory) / WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"missing PEFT weights file {weights}")
+        self.load_state_dict(load_file(str(weights)), source=str(weights))
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, directory: str | os.PathLike, freeze_base: bool = True
+    ) -> PeftMethod:
+        """Apply the saved method (its saved config) to ``model`` and load its weights."""
+        meta = read_method_meta(directory)
+        method_cls = get_method(meta["method"]) if cls is PeftMethod else cls
+        method = method_cls()
+        method.apply(model, meta["config"], freeze_base=freeze_base)
+        method.load(directory)
+        return method
+
+    def __repr__(self) -> str:
+        state = "applied" if self.applied else "not applied"
+        return f"{type(self).__name__}(name={self.name!r}, {state}, cfg={self.cfg})"
+
+
+def read_method_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / METHOD_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"not a saved PEFT method directory (no {path})")
+    meta = json.loads(path.read_text())
+    for key in ("method", "config"):
+        if key not in meta:
+            raise ValueError(f"{path}: missing key {key!r}")
+    return meta
+
+
+# ---------------------------------------------------------------------------- composition
+def apply_methods(
+    model: nn.Module,
+    specs: Sequence[tuple[str, Mapping[str, Any] | None]] | Mapping[str, Mapping[str, Any] | None],
+    freeze_base: bool = True,
+) -> list[PeftMethod]:
+    """Apply several methods in order, e.g. ``[("prefix", {}), ("lora", {"r": 8})]``."""
+    items = list(specs.items()) if isinstance(specs, Mapping) else list(specs)
+    methods = []
+    for name, cfg in items:
+        method = get_method(name)()
+        method.apply(model, cfg, freeze_base=freeze_base)
+        methods.append(method)
+    return methods
+
+
+def forward_kwargs(methods: Iterable[PeftMethod], batch_size: int) -> dict[str, Any]:
+    """Merged extra forward inputs of ``methods`` (two methods supplying the same key → error)."""
+    out: dict[str, Any] = {}
+    for m in methods:
+        for k, v in m.forward_kwargs(batch_size).items():
+            if k in out:
+                raise ValueError(f"PEFT methods both supply forward argument {k!r}")
+            out[k] = v
+    return out
+
+
+def save_methods(methods: Sequence[PeftMethod], directory: str | os.PathLike) -> Path:
+    """Write each method into ``<dir>/<i>_<name>/`` plus ``<dir>/peft_methods.json``."""
+    directory = Path(directory)
+    with atomic_path(directory, is_dir=True) as tmp:
+        entries = []
+        for i, m in enumerate(methods):
+            sub = f"{i}_{m.name}"
+            m.save(tmp / sub)
+            entries.append({"method": m.name, "dir": sub})
+        meta = {"format_version": FORMAT_VERSION, "methods": entries}
+        (tmp / COMPOSITION_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def load_methods(
+    model: nn.Module, directory: str | os.PathLike, freeze_base: bool = True
+) -> list[PeftMethod]:
+    """Inverse of :func:`save_methods`: re-apply every method to ``model`` and load weights."""
+    path = Path(directory) / COMPOSITION_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"not a saved PEFT composition (no {path})")
+    entries = json.loads(path.read_text()).get("methods")
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: 'methods' must be a list")
+    return [
+        PeftMethod.from_pretrained(model, Path(directory) / e["dir"], freeze_base=freeze_base)
+        for e in entries
+    ]

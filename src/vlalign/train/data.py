@@ -1,0 +1,123 @@
+"""Stage data: one normalised split → (image, input_ids, labels) examples, and their batches.
+
+Text formats live in ``vlalign.eval.prompts`` (shared with generation, so training and
+evaluation can never disagree on them).
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from vlalign.eval.prompts import caption_target, conversation_ids
+from vlalign.train.features import FeatureCache
+
+TEXT_KINDS = ("recaption", "captions", "conversations", "qa")
+
+
+def majority_answer(answers: list[str]) -> str:
+    return collections.Counter(answers).most_common(1)[0][0]
+
+
+class StageExamples(Dataset):
+    """Examples of one split for one stage's ``text`` kind.
+
+    ``captions`` picks one human caption per image and epoch (``set_epoch``), so an epoch sees
+    each image once whatever the text kind: recaption and human-caption runs see the same images.
+    Images come from a frozen-feature cache when given, else through the image processor.
+    """
+
+    def __init__(
+        self,
+        split,
+        tokenizer,
+        text: str,
+        max_length: int,
+        processor=None,
+        features: FeatureCache | None = None,
+        split_name: str = "train",
+        name: str = "dataset",
+    ):
+        if text not in TEXT_KINDS:
+            raise ValueError(f"unknown text kind {text!r} (one of {TEXT_KINDS})")
+        if len(split) == 0:
+            raise ValueError(f"{name}: split {split_name!r} is empty")
+        if features is None and processor is None:
+            raise ValueError("need an image processor or a feature cache")
+        self.text, self.tok, self.max_length = text, tokenizer, max_length
+        self.processor, self.name, self.split_name = processor, name, split_name
+        self.rows = split.select_columns(
+            ["image_id", "captions", "recaption", "qa", "conversations"]
+        )
+        self.images = split if features is None else None
+        self.features = None
+        if features is not None:
+            features.check_ids(split_name, split["image_id"])
+            self.features = features.split(split_name)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def token_ids(self, i: int) -> tuple[list[int], list[int]]:
+        row = self.rows[i]
+        if self.text == "recaption":
+            if not row["recaption"]:
+                raise ValueError(f"{self.name}: image {row['image_id']} has no recaption")
+            ids, labels = caption_target(self.tok, row["recaption"])
+        elif self.text == "captions":
+            caps = row["captions"]
+            if not caps:
+                raise ValueError(f"{self.name}: image {row['image_id']} has no captions")
+            ids, labels = caption_target(self.tok, caps[(i + self.epoch) % len(caps)])
+        elif self.text == "conversations":
+            turns = row["conversations"]
+            if not turns:
+                raise ValueError(f"{self.name}: image {row['image_id']} has no conversation")
+            ids, labels = conversation_ids(self.tok, turns)
+        else:
+            if not row["qa"]:
+                raise ValueError(f"{self.name}: image {row['image_id']} has no qa pairs")
+            turns = []
+            for qa in row["qa"]:
+                turns += [
+                    {"from": "human", "value": qa["question"]},
+                    {"from": "gpt", "value": majority_answer(qa["answers"])},
+                ]
+            ids, labels = conversation_ids(self.tok, turns)
+        return ids[: self.max_length], labels[: self.max_length]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ids, labels = self.token_ids(i)
+        item: dict[str, Any] = {"input_ids": ids, "labels": labels}
+        if self.features is not None:
+            item["image_features"] = torch.from_numpy(self.features[i].copy())
+        else:
+            image = self.images[i]["image"].convert("RGB")
+            item["pixel_values"] = self.processor(images=[image], return_tensors="pt")[
+                "pixel_values"
+            ][0]
+        return item
+
+
+def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad text; stack image features or pixels."""
+    width = max(len(it["input_ids"]) for it in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for r, it in enumerate(items):
+        n = len(it["input_ids"])
+        ids[r, :n] = torch.tensor(it["input_ids"])
+        labels[r, :n] = torch.tensor(it["labels"])
+        mask[r, :n] = 1
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    key = "image_features" if "image_features" in items[0] else "pixel_values"
+    batch[key] = torch.stack([it[key] for it in items])
+    return batch

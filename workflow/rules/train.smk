@@ -1,0 +1,84 @@
+# Training: the frozen-feature cache and one job per content-hashed stage (shared prefixes of
+# run chains are trained once).
+from vlalign.train.plan import plan
+
+STAGES, RUNS = plan(config)
+FEATURE_KEYS = sorted({n.feature_key: n.dataset for n in STAGES.values() if n.feature_key})
+FEATURE_DATASET = {n.feature_key: n.dataset for n in STAGES.values() if n.feature_key}
+
+
+wildcard_constraints:
+    hash="[0-9a-f]{12}",
+    fkey="[0-9a-f]{12}",
+
+
+def stage_dir(h):
+    return f"{R}/stages/{h}"
+
+
+rule features:
+    input:
+        vision=f"{R}/backbones/vision",
+        data=lambda w: data_dir(FEATURE_DATASET[w.fkey]),
+    output:
+        directory(f"{R}/features/{{fkey}}"),
+    params:
+        p=lambda w: params_json(features=config["features"]),
+    log:
+        f"{R}/logs/features/{{fkey}}.log",
+    benchmark:
+        f"{R}/benchmarks/features/{{fkey}}.tsv"
+    shell:
+        "{VLALIGN} features --params {params.p:q} --vision {input.vision} --data {input.data}"
+        " --out {output} > {log} 2>&1"
+
+
+def stage_inputs(wildcards):
+    node = STAGES[wildcards.hash]
+    inputs = {
+        "tokenizer": f"{R}/tokenizer",
+        "vision": f"{R}/backbones/vision",
+        "lm": f"{R}/backbones/lm",
+        "data": data_dir(node.dataset),
+    }
+    if node.parent:
+        inputs["parent"] = stage_dir(node.parent)
+    if node.feature_key:
+        inputs["features"] = f"{R}/features/{node.feature_key}"
+    return inputs
+
+
+def stage_params(wildcards):
+    node = STAGES[wildcards.hash]
+    return params_json(
+        settings=node.settings, name=node.name, hash=node.hash, seed=node.seed,
+        model=config["model"],
+    )
+
+
+def optional_args(wildcards, input):
+    args = ""
+    for key in ("parent", "features"):
+        if key in input.keys():
+            args += f" --{key} {input[key]}"
+    return args
+
+
+rule train_stage:
+    input:
+        unpack(stage_inputs),
+    output:
+        directory(f"{R}/stages/{{hash}}"),
+    params:
+        p=stage_params,
+        args=optional_args,
+        # Not an output: Snakemake deletes outputs of failed jobs, the checkpoint must survive.
+        ckpt=lambda w: f"{R}/checkpoints/{w.hash}",
+    log:
+        f"{R}/logs/train_stage/{{hash}}.log",
+    benchmark:
+        f"{R}/benchmarks/train_stage/{{hash}}.tsv"
+    shell:
+        "{VLALIGN} train --params {params.p:q} --out {output} --checkpoint-dir {params.ckpt}"
+        " --tokenizer {input.tokenizer} --vision {input.vision} --lm {input.lm}"
+        " --data {input.data}{params.args} > {log} 2>&1"
