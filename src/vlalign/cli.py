@@ -163,6 +163,67 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
 
 
+# ---------------------------------------------------------------------------------- evaluation
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    """Evaluate a run's last stage; write predictions, metrics, rank curve and run.json."""
+    from datetime import UTC, datetime
+
+    from vlalign.eval.runner import evaluate_run
+    from vlalign.io_utils import write_json_atomic
+    from vlalign.models.backbones import default_device
+    from vlalign.models.vlm import VisionLanguageModel
+    from vlalign.peft.stage import load_for_inference
+    from vlalign.runinfo import device_name, git_commit, package_versions
+
+    p, ev = args.params, args.params["eval"]
+    stage_dir, out_dir = Path(args.stage), Path(args.out_dir)
+    stage = json.loads((stage_dir / "stage.json").read_text())
+    started = datetime.now(UTC).isoformat()
+
+    def run_eval(out: Path, variant: str, task: str, rank_samples: int) -> dict:
+        model = VisionLanguageModel.from_pretrained(stage_dir / "model")
+        model.to(default_device())
+        peft = load_for_inference(model, stage_dir)
+        extra = [{"metric": "trainable_params", "value": stage["trainable_params"]},
+                 {"metric": "trainable_pct", "value": stage["trainable_pct"]},
+                 {"metric": "heldout_loss", "value": stage["heldout_loss"]}]
+        return evaluate_run(
+            stage_dir / "model", args.data, args.tokenizer, args.vision, out,
+            run=p["run"], stage=stage["name"], dataset=p["dataset"], split=ev["split"],
+            task=task, num_beams=ev["num_beams"], max_new_tokens=ev["max_new_tokens"],
+            batch_size=ev["batch_size"], spice=ev["spice"], rank_samples=rank_samples,
+            prefix_cache_fn=peft.prefix_cache_fn(variant) if peft else None,
+            extra_records=extra if variant == "normal" else (), model=model,
+        )
+
+    metrics = run_eval(out_dir, "normal", ev["task"], ev["rank_samples"])
+    has_prefix = "prefix" in stage.get("peft", [])
+    for variant in [v for v in ev["prefix_variants"] if v != "normal" and has_prefix]:
+        # seed 003 Table 5: the same model with its prefix removed / replaced by noise
+        extra = run_eval(out_dir / f"variant-{variant}", variant, "caption", rank_samples=2)
+        for rec in extra["records"]:  # a stage name of its own keeps tables unambiguous
+            rec["stage"] = f"{rec['stage']}@prefix_{variant}"
+            rec["decoding"] = {**rec.get("decoding", {}), "prefix_variant": variant}
+            metrics["records"].append(rec)
+    write_json_atomic(out_dir / "metrics.json", metrics)
+
+    write_json_atomic(out_dir / "run.json", {
+        "run": p["run"], "recipe": p["recipe"], "seed": p["seed"], "chain": p["chain"],
+        "config": p["config"], "git_commit": git_commit(), "packages": package_versions(),
+        "start": p.get("start") or started, "end": datetime.now(UTC).isoformat(),
+        "device": device_name(),
+    })
+    log.info("evaluated %s -> %s", p["run"], out_dir)
+
+
+def cmd_reference_rank(args: argparse.Namespace) -> None:
+    from vlalign.eval.runner import reference_rank_curve
+
+    ev = args.params["eval"]
+    reference_rank_curve(args.lm, args.data, args.tokenizer, args.out, split=ev["split"],
+                         rank_samples=ev["rank_samples"])
+
+
 # ---------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlalign", description=__doc__.splitlines()[0])
@@ -222,6 +283,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: one process per visible GPU via accelerate launch",
     )
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("evaluate", help="evaluate a run: predictions, metrics, rank curve")
+    s.add_argument("--params", type=_json, required=True,
+                   help='{"eval":..., "run":..., "dataset":..., "chain":..., "config":...}')
+    s.add_argument("--stage", required=True, help="the run's last stage dir")
+    s.add_argument("--data", required=True)
+    s.add_argument("--tokenizer", required=True)
+    s.add_argument("--vision", required=True, help="vision backbone dir (image processor)")
+    s.add_argument("--out-dir", required=True)
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("reference-rank", help="rank curve of the pre-trained LM alone")
+    s.add_argument("--params", type=_json, required=True, help='{"eval": {...}}')
+    s.add_argument("--lm", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--tokenizer", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_reference_rank)
 
     # Listed for --help; main() hands `vlalign results ...` to vlalign.results.main.
     sub.add_parser("results", help='results DB: ingest | tables | plots | query "<SQL>"')

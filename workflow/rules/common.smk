@@ -1,6 +1,7 @@
 # Config validation, shared paths and input functions.
 import json
 import sys
+from pathlib import Path
 
 from snakemake.utils import validate
 
@@ -36,5 +37,7 @@ def final_outputs():
         f"{R}/tokenizer",
         f"{R}/backbones/vision",
         f"{R}/backbones/lm",
-        *[f"{R}/stages/{h}" for run in RUNS.values() for h in run.stages[-1:]],
+        f"{R}/results.duckdb",
+        *[f"{R}/tables/{name}.{ext}" for name in TABLE_NAMES for ext in ("tex", "csv", "md")],
+        f"{R}/plots",
     ]

@@ -1,0 +1,83 @@
+# Evaluation: every run's last stage → predictions, metrics.json, rank curve, run.json.
+
+
+wildcard_constraints:
+    run="|".join(RUNS) or "NO_RUNS",
+
+
+def run_params(wildcards):
+    node = RUNS[wildcards.run]
+    chain = [
+        {"stage": STAGES[h].name, "hash": h, "dir": stage_dir(h)} for h in node.stages
+    ]
+    last = STAGES[node.stages[-1]]
+    resolved = {
+        "run": node.spec,
+        "stages": [STAGES[h].settings for h in node.stages],
+        **{k: config[k] for k in ("model", "vision", "lm", "tokenizer", "eval")},
+    }
+    if last.settings.get("peft"):  # tables select PEFT runs by the presence of $.peft
+        resolved["peft"] = peft_summary(last.settings["peft"])
+    return params_json(
+        eval=config["eval"], run=node.name, dataset=node.eval_dataset, chain=chain,
+        config=resolved, recipe=config["recipe"], seed=node.seed,
+    )
+
+
+def peft_summary(peft):
+    """The last stage's PEFT block, with the prefix length under the name tables query."""
+    if not peft:
+        return None
+    out = {name: dict(cfg) for name, cfg in peft.items()}
+    if "prefix" in out:
+        out["prefix_length"] = out["prefix"].get("num_prefix", 16)
+    out["methods"] = sorted(peft)
+    return out
+
+
+rule evaluate:
+    input:
+        stage=lambda w: stage_dir(RUNS[w.run].stages[-1]),
+        data=lambda w: data_dir(RUNS[w.run].eval_dataset),
+        tokenizer=f"{R}/tokenizer",
+        vision=f"{R}/backbones/vision",
+    output:
+        metrics=f"{R}/runs/{{run}}/metrics.json",
+        predictions=f"{R}/runs/{{run}}/predictions.jsonl",
+        rank=f"{R}/runs/{{run}}/rank_curve.json",
+        info=f"{R}/runs/{{run}}/run.json",
+    params:
+        p=run_params,
+        out_dir=lambda w: f"{R}/runs/{w.run}",
+    log:
+        f"{R}/logs/evaluate/{{run}}.log",
+    benchmark:
+        f"{R}/benchmarks/evaluate/{{run}}.tsv"
+    shell:
+        "{VLALIGN} evaluate --params {params.p:q} --stage {input.stage} --data {input.data}"
+        " --tokenizer {input.tokenizer} --vision {input.vision} --out-dir {params.out_dir}"
+        " > {log} 2>&1"
+
+
+def reference_dataset():
+    return config["eval"].get("reference_dataset") or next(
+        (r.eval_dataset for r in RUNS.values()), DATASETS[0]
+    )
+
+
+rule reference_rank:
+    input:
+        lm=f"{R}/backbones/lm",
+        data=lambda w: data_dir(reference_dataset()),
+        tokenizer=f"{R}/tokenizer",
+    output:
+        f"{R}/runs/_reference_lm/rank_curve.json",
+    params:
+        p=lambda w: params_json(eval=config["eval"]),
+    log:
+        f"{R}/logs/reference_rank.log",
+    benchmark:
+        f"{R}/benchmarks/reference_rank.tsv"
+    shell:
+        "{VLALIGN} reference-rank --params {params.p:q} --lm {input.lm} --data {input.data}"
+        " --tokenizer {input.tokenizer} --out {output} > {log} 2>&1"

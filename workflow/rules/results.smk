@@ -1,0 +1,69 @@
+# Results: the only writer of the DuckDB file, then tables and plots from SQL.
+import glob
+
+TABLE_SPECS = sorted(glob.glob("config/tables/*.yaml"))
+TABLE_NAMES = [Path(p).stem for p in TABLE_SPECS]
+
+
+def all_run_outputs():
+    return [
+        *[f"{R}/runs/{run}/metrics.json" for run in RUNS],
+        *[f"{R}/runs/{run}/run.json" for run in RUNS],
+        f"{R}/runs/_reference_lm/rank_curve.json",
+    ]
+
+
+rule aggregate:
+    input:
+        all_run_outputs(),
+    output:
+        f"{R}/results.duckdb",
+    log:
+        f"{R}/logs/aggregate.log",
+    benchmark:
+        f"{R}/benchmarks/aggregate.tsv"
+    shell:
+        "{VLALIGN} results ingest --results {R} --db {output} > {log} 2>&1"
+
+
+rule tables:
+    input:
+        db=f"{R}/results.duckdb",
+        specs=TABLE_SPECS,
+    output:
+        tex=report(
+            expand(f"{R}/tables/{{name}}.tex", name=TABLE_NAMES),
+            caption="../report/tables.rst",
+            category="Tables",
+        ),
+        csv=expand(f"{R}/tables/{{name}}.csv", name=TABLE_NAMES),
+        md=report(
+            expand(f"{R}/tables/{{name}}.md", name=TABLE_NAMES),
+            caption="../report/tables.rst",
+            category="Tables",
+        ),
+    log:
+        f"{R}/logs/tables.log",
+    benchmark:
+        f"{R}/benchmarks/tables.tsv"
+    shell:
+        "{VLALIGN} results tables --db {input.db} --tables-dir config/tables --out {R}/tables"
+        " > {log} 2>&1"
+
+
+rule plots:
+    input:
+        f"{R}/results.duckdb",
+    output:
+        report(
+            directory(f"{R}/plots"),
+            patterns=["{name}.png"],
+            caption="../report/plots.rst",
+            category="Plots",
+        ),
+    log:
+        f"{R}/logs/plots.log",
+    benchmark:
+        f"{R}/benchmarks/plots.tsv"
+    shell:
+        "{VLALIGN} results plots --db {input} --out {output} > {log} 2>&1"
