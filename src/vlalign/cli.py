@@ -184,16 +184,30 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         model = VisionLanguageModel.from_pretrained(stage_dir / "model")
         model.to(default_device())
         peft = load_for_inference(model, stage_dir)
-        extra = [{"metric": "trainable_params", "value": stage["trainable_params"]},
-                 {"metric": "trainable_pct", "value": stage["trainable_pct"]},
-                 {"metric": "heldout_loss", "value": stage["heldout_loss"]}]
+        extra = [
+            {"metric": "trainable_params", "value": stage["trainable_params"]},
+            {"metric": "trainable_pct", "value": stage["trainable_pct"]},
+            {"metric": "heldout_loss", "value": stage["heldout_loss"]},
+        ]
         return evaluate_run(
-            stage_dir / "model", args.data, args.tokenizer, args.vision, out,
-            run=p["run"], stage=stage["name"], dataset=p["dataset"], split=ev["split"],
-            task=task, num_beams=ev["num_beams"], max_new_tokens=ev["max_new_tokens"],
-            batch_size=ev["batch_size"], spice=ev["spice"], rank_samples=rank_samples,
+            stage_dir / "model",
+            args.data,
+            args.tokenizer,
+            args.vision,
+            out,
+            run=p["run"],
+            stage=stage["name"],
+            dataset=p["dataset"],
+            split=ev["split"],
+            task=task,
+            num_beams=ev["num_beams"],
+            max_new_tokens=ev["max_new_tokens"],
+            batch_size=ev["batch_size"],
+            spice=ev["spice"],
+            rank_samples=rank_samples,
             prefix_cache_fn=peft.prefix_cache_fn(variant) if peft else None,
-            extra_records=extra if variant == "normal" else (), model=model,
+            extra_records=extra if variant == "normal" else (),
+            model=model,
         )
 
     metrics = run_eval(out_dir, "normal", ev["task"], ev["rank_samples"])
@@ -207,12 +221,21 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             metrics["records"].append(rec)
     write_json_atomic(out_dir / "metrics.json", metrics)
 
-    write_json_atomic(out_dir / "run.json", {
-        "run": p["run"], "recipe": p["recipe"], "seed": p["seed"], "chain": p["chain"],
-        "config": p["config"], "git_commit": git_commit(), "packages": package_versions(),
-        "start": p.get("start") or started, "end": datetime.now(UTC).isoformat(),
-        "device": device_name(),
-    })
+    write_json_atomic(
+        out_dir / "run.json",
+        {
+            "run": p["run"],
+            "recipe": p["recipe"],
+            "seed": p["seed"],
+            "chain": p["chain"],
+            "config": p["config"],
+            "git_commit": git_commit(),
+            "packages": package_versions(),
+            "start": p.get("start") or started,
+            "end": datetime.now(UTC).isoformat(),
+            "device": device_name(),
+        },
+    )
     log.info("evaluated %s -> %s", p["run"], out_dir)
 
 
@@ -220,8 +243,14 @@ def cmd_reference_rank(args: argparse.Namespace) -> None:
     from vlalign.eval.runner import reference_rank_curve
 
     ev = args.params["eval"]
-    reference_rank_curve(args.lm, args.data, args.tokenizer, args.out, split=ev["split"],
-                         rank_samples=ev["rank_samples"])
+    reference_rank_curve(
+        args.lm,
+        args.data,
+        args.tokenizer,
+        args.out,
+        split=ev["split"],
+        rank_samples=ev["rank_samples"],
+    )
 
 
 # ---------------------------------------------------------------------------------- main
@@ -285,8 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("evaluate", help="evaluate a run: predictions, metrics, rank curve")
-    s.add_argument("--params", type=_json, required=True,
-                   help='{"eval":..., "run":..., "dataset":..., "chain":..., "config":...}')
+    s.add_argument(
+        "--params",
+        type=_json,
+        required=True,
+        help='{"eval":..., "run":..., "dataset":..., "chain":..., "config":...}',
+    )
     s.add_argument("--stage", required=True, help="the run's last stage dir")
     s.add_argument("--data", required=True)
     s.add_argument("--tokenizer", required=True)

@@ -6,18 +6,38 @@ import importlib.metadata
 import subprocess
 from pathlib import Path
 
-PACKAGES = ("vlalign", "torch", "transformers", "peft", "accelerate", "datasets", "tokenizers",
-            "snakemake", "pycocoevalcap", "duckdb", "pandas")
+PACKAGES = (
+    "vlalign",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "tokenizers",
+    "snakemake",
+    "pycocoevalcap",
+    "duckdb",
+    "pandas",
+)
 
 
 def git_commit(repo: Path | None = None) -> str:
     """``<sha>`` or ``<sha>-dirty``; "unknown" outside a git checkout."""
     repo = repo or Path(__file__).resolve().parents[2]
     try:
-        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{sha}-dirty" if dirty else sha

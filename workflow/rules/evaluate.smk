@@ -17,21 +17,25 @@ def run_params(wildcards):
         **{k: config[k] for k in ("model", "vision", "lm", "tokenizer", "eval")},
     }
     if last.settings.get("peft"):  # tables select PEFT runs by the presence of $.peft
-        resolved["peft"] = peft_summary(last.settings["peft"])
+        resolved["peft"] = peft_summary([STAGES[h].settings for h in node.stages])
     return params_json(
-        eval=config["eval"], run=node.name, dataset=node.eval_dataset, chain=chain,
+        eval=run_eval_settings(config, node.spec), run=node.name, dataset=node.eval_dataset, chain=chain,
         config=resolved, recipe=config["recipe"], seed=node.seed,
     )
 
 
-def peft_summary(peft):
-    """The last stage's PEFT block, with the prefix length under the name tables query."""
-    if not peft:
-        return None
-    out = {name: dict(cfg) for name, cfg in peft.items()}
-    if "prefix" in out:
-        out["prefix_length"] = out["prefix"].get("num_prefix", 16)
-    out["methods"] = sorted(peft)
+def peft_summary(chain_settings):
+    """PEFT of a run: the methods in order of first use and the prefix length (tables and
+    plots query ``$.peft.prefix_length`` / ``$.peft.order``)."""
+    order, blocks = [], {}
+    for settings in chain_settings:
+        for name, cfg in (settings.get("peft") or {}).items():
+            if name not in blocks:
+                order.append(name)
+                blocks[name] = dict(cfg)
+    out = {"order": "+".join(order), "methods": order, **blocks}
+    if "prefix" in blocks:
+        out["prefix_length"] = blocks["prefix"].get("num_prefix", 16)
     return out
 
 

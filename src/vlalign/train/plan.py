@@ -8,6 +8,7 @@ their chain share those checkpoints and Snakemake builds them once.
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,10 +99,89 @@ def resolve_stage(config: dict[str, Any], item: str | dict[str, Any]) -> tuple[s
     return name, settings
 
 
+def set_path(settings: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = settings
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"grids: {dotted!r} goes through a non-mapping value")
+    node[keys[-1]] = value
+
+
+def _axis_label(path: str, value: Any) -> str:
+    return f"{path.split('.')[-1]}{value}".replace("/", "-").replace(" ", "")
+
+
+def expand_grid(gname: str, grid: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A sweep: the cartesian product of ``axes`` over a chain. An axis key is
+    ``<stage>.<dotted.setting>`` (every occurrence of that stage in the chain) or
+    ``*.<setting>`` (every stage); each cell becomes the run ``<grid>-<label>``."""
+    axes = grid.get("axes", {})
+    names = [s if isinstance(s, str) else s["stage"] for s in grid["chain"]]
+    for key in axes:
+        stage, _, path = key.partition(".")
+        if not path or (stage != "*" and stage not in names):
+            raise ConfigError(
+                f"grids.{gname}.axes: {key!r} must be <stage in chain>.<setting> "
+                f"or *.<setting> (chain: {names})"
+            )
+    runs: dict[str, dict[str, Any]] = {}
+    for values in itertools.product(*axes.values()):
+        chain = [({"stage": s} if isinstance(s, str) else copy.deepcopy(s)) for s in grid["chain"]]
+        labels = []
+        for key, value in zip(axes, values):
+            stage, _, path = key.partition(".")
+            for item in chain:
+                if stage in ("*", item["stage"]):
+                    set_path(item, path, value)
+            labels.append(_axis_label(path, value))
+        name = "-".join([gname, *labels]) if labels else gname
+        runs[name] = {k: v for k, v in grid.items() if k not in ("axes", "chain")}
+        runs[name]["chain"] = chain
+    return runs
+
+
+def all_runs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``runs:`` plus every cell of every ``grids:`` entry, ``after:`` resolved."""
+    runs = {name: dict(spec) for name, spec in config.get("runs", {}).items()}
+    for gname, grid in config.get("grids", {}).items():
+        for name, spec in expand_grid(gname, grid).items():
+            if name in runs:
+                raise ConfigError(f"grids.{gname}: run {name!r} already exists")
+            runs[name] = spec
+    return {name: {**spec, "chain": full_chain(runs, name)} for name, spec in runs.items()}
+
+
+def full_chain(runs: dict[str, dict[str, Any]], name: str, seen: tuple = ()) -> list:
+    """A run's chain with ``after: <run>`` expanded; the base's stages pin its first seed."""
+    spec = runs[name]
+    base = spec.get("after")
+    if base is None:
+        return list(spec["chain"])
+    if base not in runs:
+        raise ConfigError(f"runs.{name}.after: unknown run {base!r}")
+    if base in seen:
+        raise ConfigError(f"runs.{name}.after: cycle through {base!r}")
+    seed = runs[base].get("seeds", [0])[0]
+    pinned = [
+        {**({"stage": item} if isinstance(item, str) else item), "seed": seed}
+        if not (isinstance(item, dict) and "seed" in item)
+        else item
+        for item in full_chain(runs, base, (*seen, name))
+    ]
+    return pinned + list(spec["chain"])
+
+
+def run_eval_settings(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """The eval section with a run's own ``eval:`` overrides."""
+    return deep_merge(config.get("eval", {}), spec.get("eval", {}))
+
+
 def plan(config: dict[str, Any]) -> tuple[dict[str, StageNode], dict[str, RunNode]]:
     stages: dict[str, StageNode] = {}
     runs: dict[str, RunNode] = {}
-    for run_name, spec in config.get("runs", {}).items():
+    for run_name, spec in all_runs(config).items():
         for seed in spec.get("seeds", [0]):
             parent: str | None = None
             vision_trained = False
@@ -110,13 +190,17 @@ def plan(config: dict[str, Any]) -> tuple[dict[str, StageNode], dict[str, RunNod
             for item in spec["chain"]:
                 name, settings = resolve_stage(config, item)
                 chain_names.append(name)
+                # A stage may pin its seed (e.g. a shared base alignment under a multi-seed
+                # PEFT grid); otherwise it trains with the run's seed.
+                stage_seed = settings.pop("seed", None)
+                stage_seed = seed if stage_seed is None else stage_seed
                 semantic = {k: v for k, v in settings.items() if k not in NON_SEMANTIC_KEYS}
                 h = stable_hash(
                     {
                         "parent": parent if parent else backbone_identity(config),
                         "stage": semantic,
                         "data": data_identity(config, settings["dataset"]),
-                        "seed": seed,
+                        "seed": stage_seed,
                     }
                 )
                 # The cache holds the *pre-trained* encoder's features: once a stage has
@@ -135,7 +219,7 @@ def plan(config: dict[str, Any]) -> tuple[dict[str, StageNode], dict[str, RunNod
                         name,
                         copy.deepcopy(settings),
                         parent,
-                        seed,
+                        stage_seed,
                         settings["dataset"],
                         fkey,
                         list(chain_names),

@@ -1,0 +1,428 @@
+"""Evaluate one trained stage: generate on a split, score it, measure the representation rank.
+
+Writes into ``out_dir`` (docs/outputs.md), each file atomically, ``metrics.json`` last:
+
+- ``predictions.jsonl``: one line per image (``task: "caption"``: ``image_id``, ``prediction``,
+  ``references``) and/or one line per question (``task: "vqa"``: also ``question`` and
+  ``answers``; ``references`` repeats the answers so every line has the same core keys);
+- ``rank_curve.json``: effective-rank curve (SPEC §5a) of the last-layer hidden states at the
+  text positions of ``<bos> reference caption <eos>`` fed with its image, one L×d matrix per
+  sample, ``rank_samples`` samples;
+- ``metrics.json``: pycocoevalcap caption metrics, ``VQA_acc``, ``effective_rank_0.9`` and the
+  caller's ``extra_records``; metrics that could not be computed (SPICE without its jars) are
+  listed under ``missing``, never recorded as 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+
+from vlalign.data.tokenizer import load_tokenizer, vlm_token_ids
+from vlalign.eval.caption_metrics import score_captions
+from vlalign.eval.effective_rank import rank_curve_record
+from vlalign.eval.prompts import caption_prompt, caption_target, decode_text, vqa_prompt
+from vlalign.eval.vqa import vqa_score
+from vlalign.io_utils import atomic_path, write_json_atomic
+from vlalign.models.backbones import load_image_processor, load_lm
+from vlalign.models.generation import PrefixCacheFn, generate
+from vlalign.models.vlm import VLM_CONFIG_NAME, VisionLanguageModel
+
+METRICS_SCHEMA_VERSION = 1
+TASKS = ("caption", "vqa", "both")
+REFERENCE_LM_RUN = "_reference_lm"
+RANK_THRESHOLD = 0.9
+RANK_METRIC = f"effective_rank_{RANK_THRESHOLD}"
+MODEL_DIR_PARTS = (VLM_CONFIG_NAME, "lm", "vision", "projector")
+
+PathLike = str | os.PathLike
+
+
+class EvalInputError(ValueError):
+    """An input of the evaluation (model dir, dataset, split, rows) is unusable."""
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------
+def check_model_dir(model_dir: PathLike) -> Path:
+    """Fail with the missing entries if ``model_dir`` is not a saved VisionLanguageModel."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model dir {model_dir} does not exist")
+    absent = [p for p in MODEL_DIR_PARTS if not (model_dir / p).exists()]
+    if absent:
+        raise FileNotFoundError(
+            f"model dir {model_dir} is not a saved VisionLanguageModel: missing {absent} "
+            f"(expected {list(MODEL_DIR_PARTS)})"
+        )
+    return model_dir
+
+
+def load_split(data_dir: PathLike, split: str) -> Dataset:
+    """One non-empty split of a DatasetDict saved with ``save_to_disk``."""
+    data_dir = Path(data_dir)
+    if not data_dir.exists():
+        raise FileNotFoundError(f"dataset dir {data_dir} does not exist")
+    index = data_dir / "dataset_dict.json"
+    if not index.is_file():
+        raise EvalInputError(
+            f"{data_dir}: not a DatasetDict saved with save_to_disk (no dataset_dict.json)"
+        )
+    splits = json.loads(index.read_text()).get("splits", [])
+    if split not in splits:
+        raise EvalInputError(f"{data_dir}: no split {split!r} (has {splits})")
+    # datasets writes an empty split with no data files and then cannot reload it (IndexError)
+    state = data_dir / split / "state.json"
+    if state.is_file() and not json.loads(state.read_text()).get("_data_files", True):
+        raise EvalInputError(f"{data_dir}: split {split!r} is empty")
+    ds = Dataset.load_from_disk(str(data_dir / split))
+    if len(ds) == 0:
+        raise EvalInputError(f"{data_dir}: split {split!r} is empty")
+    ids = list(ds["image_id"])
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise EvalInputError(f"{data_dir}: split {split!r} has duplicate image_id {dup!r}")
+    return ds
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _batches(n: int, size: int) -> Iterator[range]:
+    for start in range(0, n, size):
+        yield range(start, min(start + size, n))
+
+
+def _pixels(processor, images: Sequence) -> torch.Tensor:
+    return processor(images=[im.convert("RGB") for im in images], return_tensors="pt")[
+        "pixel_values"
+    ]
+
+
+def _pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def _check_vocab(model_vocab: int, tok, where: str) -> None:
+    if len(tok) > model_vocab:
+        raise EvalInputError(
+            f"tokenizer has {len(tok)} tokens but the LM in {where} embeds only {model_vocab}: "
+            "wrong tokenizer for this model"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# generation
+# --------------------------------------------------------------------------------------------
+def _caption_rows(ds: Dataset, data_dir: PathLike, split: str) -> tuple[list[str], list[list]]:
+    rows = ds.select_columns(["image_id", "captions"])
+    ids, refs = list(rows["image_id"]), list(rows["captions"])
+    for image_id, caps in zip(ids, refs):
+        if not caps or not any(c.strip() for c in caps):
+            raise EvalInputError(
+                f"{data_dir}: split {split!r}: image {image_id!r} has no reference captions"
+            )
+    return ids, refs
+
+
+def _vqa_rows(ds: Dataset, data_dir: PathLike, split: str) -> list[dict]:
+    """Every (image index, question, answers) of the split."""
+    items = []
+    for i, (image_id, qas) in enumerate(zip(ds["image_id"], ds["qa"])):
+        for j, qa in enumerate(qas):
+            if not qa["answers"]:
+                raise EvalInputError(
+                    f"{data_dir}: split {split!r}: image {image_id!r} qa[{j}] has no answers"
+                )
+            items.append({"index": i, "image_id": image_id, **qa})
+    if not items:
+        raise EvalInputError(f"{data_dir}: split {split!r} has no qa pairs: cannot evaluate VQA")
+    return items
+
+
+@torch.no_grad()
+def _generate_rows(
+    model: VisionLanguageModel,
+    processor,
+    ds: Dataset,
+    image_index: Sequence[int],
+    prompts: Sequence[list[int]],
+    tok,
+    *,
+    desc: str,
+    batch_size: int,
+    gen_kw: dict[str, Any],
+) -> list[str]:
+    """Generate for each (image_index[k], prompts[k]); images are encoded once per batch."""
+    device = next(model.parameters()).device
+    out: list[str] = []
+    for rows in tqdm(list(_batches(len(prompts), batch_size)), desc=desc, disable=None):
+        idx = [image_index[k] for k in rows]
+        unique = sorted(set(idx))
+        pixels = _pixels(processor, ds.select(unique)["image"]).to(device)
+        feats = model.encode_images(pixels)
+        where = {u: n for n, u in enumerate(unique)}
+        feats = feats[torch.tensor([where[i] for i in idx], device=device)]
+        new = generate(model, prompt_ids=[prompts[k] for k in rows], image_features=feats,
+                       **gen_kw)
+        out += [decode_text(tok, ids) for ids in new]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# effective rank
+# --------------------------------------------------------------------------------------------
+def _rank_indices(ds: Dataset, rank_samples: int, data_dir: PathLike, split: str) -> list[int]:
+    """Indices of the rank samples: evenly spread over the split (deterministic)."""
+    if rank_samples < 1:
+        raise ValueError(f"rank_samples must be >= 1, got {rank_samples}")
+    n = len(ds)
+    picked = sorted({int(round(x)) for x in np.linspace(0, n - 1, min(rank_samples, n))})
+    caps = ds.select(picked)["captions"]
+    for i, c in zip(picked, caps):
+        if not c:
+            raise EvalInputError(
+                f"{data_dir}: split {split!r}: image {ds[i]['image_id']!r} has no reference "
+                "captions for the rank curve"
+            )
+    return picked
+
+
+@torch.no_grad()
+def vlm_text_features(
+    model: VisionLanguageModel,
+    processor,
+    tok,
+    ds: Dataset,
+    indices: Sequence[int],
+    *,
+    batch_size: int = 16,
+    mask_mode: str | None = None,
+    prefix_cache_fn: PrefixCacheFn | None = None,
+) -> list[torch.Tensor]:
+    """Last-layer hidden states at the text positions of ``<bos> captions[0] <eos>`` after
+    its image: one ``(L, H)`` float32 CPU tensor per index."""
+    device = next(model.parameters()).device
+    pad = vlm_token_ids(tok)["pad"]
+    feats: list[torch.Tensor] = []
+    for rows in tqdm(list(_batches(len(indices), batch_size)), desc="rank features",
+                     disable=None):
+        sub = ds.select([indices[k] for k in rows])
+        ids, mask = _pad_right([caption_target(tok, c[0])[0] for c in sub["captions"]], pad)
+        out = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            pixel_values=_pixels(processor, sub["image"]).to(device),
+            mask_mode=mask_mode,
+            past_key_values=prefix_cache_fn(len(rows)) if prefix_cache_fn is not None else None,
+            output_hidden_states=True,
+        )
+        text = out.hidden_states[:, out.num_image_tokens :].float().cpu()
+        feats += [text[b, mask[b].bool()] for b in range(len(rows))]
+    return feats
+
+
+@torch.no_grad()
+def lm_text_features(
+    lm: torch.nn.Module, tok, texts: Sequence[str], *, batch_size: int = 16
+) -> list[torch.Tensor]:
+    """Last-layer hidden states of ``<bos> text <eos>`` through the LM alone (no image)."""
+    device = next(lm.parameters()).device
+    pad = vlm_token_ids(tok)["pad"]
+    feats: list[torch.Tensor] = []
+    for rows in tqdm(list(_batches(len(texts), batch_size)), desc="rank features (LM)",
+                     disable=None):
+        ids, mask = _pad_right([caption_target(tok, texts[k])[0] for k in rows], pad)
+        out = lm(input_ids=ids.to(device), attention_mask=mask.to(device),
+                 output_hidden_states=True)
+        hidden = out.hidden_states[-1].float().cpu()
+        feats += [hidden[b, mask[b].bool()] for b in range(len(rows))]
+    return feats
+
+
+# --------------------------------------------------------------------------------------------
+# outputs
+# --------------------------------------------------------------------------------------------
+def _write_jsonl(path: Path, lines: Iterable[Mapping[str, Any]]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+
+def _extra(rec: Mapping[str, Any], i: int) -> tuple[str, float]:
+    if not isinstance(rec, Mapping) or "metric" not in rec or "value" not in rec:
+        raise ValueError(f"extra_records[{i}] needs 'metric' and 'value' keys: {rec!r}")
+    value = rec["value"]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(
+            f"extra_records[{i}] ({rec['metric']}): value {value!r} is not a finite number "
+            "(report a metric that could not be computed as missing instead)"
+        )
+    return str(rec["metric"]), float(value)
+
+
+def evaluate_run(
+    model_dir: PathLike,
+    data_dir: PathLike,
+    tokenizer_dir: PathLike,
+    vision_dir: PathLike,
+    out_dir: PathLike,
+    *,
+    run: str,
+    stage: str,
+    dataset: str,
+    split: str = "test",
+    task: str = "caption",
+    num_beams: int = 5,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    spice: str = "auto",
+    rank_samples: int = 64,
+    prefix_cache_fn: PrefixCacheFn | None = None,
+    mask_mode: str | None = None,
+    extra_records: Iterable[Mapping[str, Any]] = (),
+    model: VisionLanguageModel | None = None,
+) -> dict[str, Any]:
+    """Evaluate the model saved in ``model_dir`` on ``split`` of the dataset in ``data_dir``.
+
+    Args:
+        vision_dir: directory of the image processor (``load_image_processor``).
+        task: "caption" (references = each row's ``captions``), "vqa" (every qa pair of the
+            split, ``VQA_acc``) or "both".
+        prefix_cache_fn: ``B → fresh prefix cache`` for prefix-tuned models (generation and the
+            rank forward both use it). ``mask_mode``: override the model's mask.
+        extra_records: ``{"metric", "value"}`` dicts added as records (e.g. ``trainable_params``,
+            ``heldout_loss``).
+        model: an already loaded model to use instead of loading ``model_dir`` (a prefix-tuned
+            model whose prefix lives outside the saved directory); ``model_dir`` is still
+            checked.
+
+    Returns:
+        the ``metrics.json`` object (``schema_version``, ``run``, ``records``, ``missing``).
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    model_dir = check_model_dir(model_dir)
+    out_dir = Path(out_dir)
+    ds = load_split(data_dir, split)
+    extras = [_extra(r, i) for i, r in enumerate(extra_records)]
+    tok = load_tokenizer(tokenizer_dir)
+    special = vlm_token_ids(tok)
+    cap_ids, cap_refs = _caption_rows(ds, data_dir, split) if task != "vqa" else ([], [])
+    vqa_items = _vqa_rows(ds, data_dir, split) if task != "caption" else []
+    rank_idx = _rank_indices(ds, rank_samples, data_dir, split)
+
+    processor = load_image_processor(vision_dir)
+    if model is None:
+        model = VisionLanguageModel.from_pretrained(model_dir)
+        model.to(_device())
+    model.eval()
+    _check_vocab(model.lm.get_input_embeddings().num_embeddings, tok, str(model_dir))
+
+    gen_kw = {
+        "num_beams": num_beams,
+        "max_new_tokens": max_new_tokens,
+        "eos_token_id": special["eos"],
+        "pad_token_id": special["pad"],
+        "use_cache": True,
+        "prefix_cache_fn": prefix_cache_fn,
+        "mask_mode": mask_mode,
+    }
+    decoding = {"num_beams": num_beams, "max_new_tokens": max_new_tokens, "task": task}
+    scores: dict[str, float] = {}
+    missing: list[dict] = []
+    lines: list[dict] = []
+
+    if cap_ids:
+        preds = _generate_rows(
+            model, processor, ds, list(range(len(ds))), [caption_prompt(tok)] * len(ds), tok,
+            desc=f"captions {dataset}/{split}", batch_size=batch_size, gen_kw=gen_kw,
+        )
+        lines += [
+            {"task": "caption", "image_id": i, "prediction": p, "references": list(r)}
+            for i, p, r in zip(cap_ids, preds, cap_refs)
+        ]
+        cap_scores, cap_missing = score_captions(
+            dict(zip(cap_ids, preds)), dict(zip(cap_ids, cap_refs)), spice=spice
+        )
+        scores.update(cap_scores)
+        missing += cap_missing
+    if vqa_items:
+        answers = _generate_rows(
+            model, processor, ds, [q["index"] for q in vqa_items],
+            [vqa_prompt(tok, q["question"]) for q in vqa_items], tok,
+            desc=f"vqa {dataset}/{split}", batch_size=batch_size, gen_kw=gen_kw,
+        )
+        lines += [
+            {"task": "vqa", "image_id": q["image_id"], "question": q["question"],
+             "answers": list(q["answers"]), "prediction": a, "references": list(q["answers"])}
+            for q, a in zip(vqa_items, answers)
+        ]
+        scores["VQA_acc"] = vqa_score(answers, [q["answers"] for q in vqa_items])
+
+    feats = vlm_text_features(
+        model, processor, tok, ds, rank_idx, batch_size=batch_size, mask_mode=mask_mode,
+        prefix_cache_fn=prefix_cache_fn,
+    )
+    curve = rank_curve_record(run, feats, RANK_THRESHOLD)
+    curve.update({"dataset": dataset, "split": split, "samples": len(feats)})
+    scores[RANK_METRIC] = curve["effective_rank"]
+
+    base = {"run": run, "stage": stage, "dataset": dataset, "split": split}
+    records = [{**base, "metric": m, "value": float(v), "decoding": decoding}
+               for m, v in scores.items()]
+    records += [{**base, "metric": m, "value": v, "decoding": decoding} for m, v in extras]
+    metrics = {"schema_version": METRICS_SCHEMA_VERSION, "run": run, "records": records,
+               "missing": missing}
+
+    _write_jsonl(out_dir / "predictions.jsonl", lines)
+    write_json_atomic(out_dir / "rank_curve.json", curve)
+    write_json_atomic(out_dir / "metrics.json", metrics)  # last: the rule's completion marker
+    return metrics
+
+
+def reference_rank_curve(
+    lm_dir: PathLike,
+    data_dir: PathLike,
+    tokenizer_dir: PathLike,
+    out_path: PathLike,
+    split: str = "test",
+    rank_samples: int = 64,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Rank curve of the pre-trained LM alone on the same reference captions (text only), written
+    to ``out_path`` as a ``rank_curve.json`` with run ``_reference_lm``; returns it."""
+    lm_dir = Path(lm_dir)
+    if not (lm_dir / "config.json").is_file():
+        raise FileNotFoundError(f"LM dir {lm_dir} has no config.json (not a save_pretrained dir)")
+    ds = load_split(data_dir, split)
+    idx = _rank_indices(ds, rank_samples, data_dir, split)
+    tok = load_tokenizer(tokenizer_dir)
+    lm = load_lm(lm_dir).to(_device()).eval()
+    _check_vocab(lm.get_input_embeddings().num_embeddings, tok, str(lm_dir))
+    texts = [c[0] for c in ds.select(idx)["captions"]]
+    curve = rank_curve_record(
+        REFERENCE_LM_RUN, lm_text_features(lm, tok, texts, batch_size=batch_size), RANK_THRESHOLD
+    )
+    curve.update({"split": split, "samples": len(texts)})
+    write_json_atomic(out_path, curve)
+    return curve
