@@ -180,42 +180,40 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     stage = json.loads((stage_dir / "stage.json").read_text())
     started = datetime.now(UTC).isoformat()
 
-    def run_eval(out: Path, variant: str, task: str, rank_samples: int) -> dict:
+    def run_eval(out: Path, data: str, dataset: str, variant: str, task: str,
+                 rank_samples: int, extra=()) -> dict:
         model = VisionLanguageModel.from_pretrained(stage_dir / "model")
         model.to(default_device())
         peft = load_for_inference(model, stage_dir)
-        extra = [
-            {"metric": "trainable_params", "value": stage["trainable_params"]},
-            {"metric": "trainable_pct", "value": stage["trainable_pct"]},
-            {"metric": "heldout_loss", "value": stage["heldout_loss"]},
-        ]
         return evaluate_run(
-            stage_dir / "model",
-            args.data,
-            args.tokenizer,
-            args.vision,
-            out,
-            run=p["run"],
-            stage=stage["name"],
-            dataset=p["dataset"],
-            split=ev["split"],
-            task=task,
-            num_beams=ev["num_beams"],
-            max_new_tokens=ev["max_new_tokens"],
-            batch_size=ev["batch_size"],
-            spice=ev["spice"],
-            rank_samples=rank_samples,
+            stage_dir / "model", data, args.tokenizer, args.vision, out,
+            run=p["run"], stage=stage["name"], dataset=dataset, split=ev["split"],
+            task=task, num_beams=ev["num_beams"], max_new_tokens=ev["max_new_tokens"],
+            batch_size=ev["batch_size"], spice=ev["spice"], rank_samples=rank_samples,
             prefix_cache_fn=peft.prefix_cache_fn(variant) if peft else None,
-            extra_records=extra if variant == "normal" else (),
-            model=model,
+            extra_records=extra, model=model,
         )
 
-    metrics = run_eval(out_dir, "normal", ev["task"], ev["rank_samples"])
+    if len(args.data) != len(p["datasets"]):
+        raise ValueError(f"--data has {len(args.data)} paths for datasets {p['datasets']}")
+    stage_records = [{"metric": k, "value": stage[k]}
+                     for k in ("trainable_params", "trainable_pct", "heldout_loss")]
+    # The first dataset writes the run's own predictions / rank curve; others go in
+    # sub-directories and their records are merged into one metrics.json.
+    metrics = run_eval(out_dir, args.data[0], p["datasets"][0], "normal", ev["task"],
+                       ev["rank_samples"], stage_records)
+    for data, dataset in list(zip(args.data, p["datasets"]))[1:]:
+        more = run_eval(out_dir / dataset, data, dataset, "normal", ev["task"], 2)
+        metrics["records"] += [r for r in more["records"] if r["metric"] != "effective_rank_0.9"]
+        metrics["missing"] += [m for m in more["missing"] if m not in metrics["missing"]]
     has_prefix = "prefix" in stage.get("peft", [])
     for variant in [v for v in ev["prefix_variants"] if v != "normal" and has_prefix]:
         # seed 003 Table 5: the same model with its prefix removed / replaced by noise
-        extra = run_eval(out_dir / f"variant-{variant}", variant, "caption", rank_samples=2)
+        extra = run_eval(out_dir / f"variant-{variant}", args.data[0], p["datasets"][0],
+                         variant, "caption", rank_samples=2)
         for rec in extra["records"]:  # a stage name of its own keeps tables unambiguous
+            if rec["metric"] == "effective_rank_0.9":
+                continue
             rec["stage"] = f"{rec['stage']}@prefix_{variant}"
             rec["decoding"] = {**rec.get("decoding", {}), "prefix_variant": variant}
             metrics["records"].append(rec)
@@ -251,6 +249,30 @@ def cmd_reference_rank(args: argparse.Namespace) -> None:
         split=ev["split"],
         rank_samples=ev["rank_samples"],
     )
+
+
+# ---------------------------------------------------------------------------------- plan
+def cmd_plan(args: argparse.Namespace) -> None:
+    """Print every run of a config: its chain of stage hashes and what exists on disk."""
+    from vlalign.config import deep_merge, load_yaml, validate_config
+    from vlalign.train.plan import plan
+
+    merged: dict = {}  # several files merge in order, as with snakemake --configfile
+    for path in args.configfile:
+        merged = deep_merge(merged, load_yaml(path))
+    config = validate_config(merged, source=" + ".join(args.configfile))
+    stages, runs = plan(config)
+    results = Path(config["results_dir"])
+    for run in runs.values():
+        done = (results / "runs" / run.name / "metrics.json").exists()
+        print(f"{run.name}  [{'evaluated' if done else 'pending'}]  eval on "
+              f"{', '.join(run.eval_datasets)}")
+        for h in run.stages:
+            node = stages[h]
+            state = "done" if (results / "stages" / h / "stage.json").exists() else (
+                "checkpoint" if (results / "checkpoints" / h).exists() else "-")
+            print(f"    {node.name:<24} {results}/stages/{h}  seed {node.seed}  {state}")
+    print(f"{len(runs)} runs, {len(stages)} distinct stages")
 
 
 # ---------------------------------------------------------------------------------- main
@@ -318,10 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--params",
         type=_json,
         required=True,
-        help='{"eval":..., "run":..., "dataset":..., "chain":..., "config":...}',
+        help='{"eval":..., "run":..., "datasets":[...], "chain":..., "config":...}',
     )
     s.add_argument("--stage", required=True, help="the run's last stage dir")
-    s.add_argument("--data", required=True)
+    s.add_argument("--data", nargs="+", required=True, help="one dir per evaluation dataset")
     s.add_argument("--tokenizer", required=True)
     s.add_argument("--vision", required=True, help="vision backbone dir (image processor)")
     s.add_argument("--out-dir", required=True)
@@ -334,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", required=True)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_reference_rank)
+
+    s = sub.add_parser("plan", help="list runs, their stage hashes and what is done")
+    s.add_argument("--configfile", nargs="+", default=["config/config.yaml"])
+    s.set_defaults(func=cmd_plan)
 
     # Listed for --help; main() hands `vlalign results ...` to vlalign.results.main.
     sub.add_parser("results", help='results DB: ingest | tables | plots | query "<SQL>"')

@@ -19,7 +19,8 @@ def run_params(wildcards):
     if last.settings.get("peft"):  # tables select PEFT runs by the presence of $.peft
         resolved["peft"] = peft_summary([STAGES[h].settings for h in node.stages])
     return params_json(
-        eval=run_eval_settings(config, node.spec), run=node.name, dataset=node.eval_dataset, chain=chain,
+        eval=run_eval_settings(config, node.spec), run=node.name, datasets=node.eval_datasets,
+        chain=chain,
         config=resolved, recipe=config["recipe"], seed=node.seed,
     )
 
@@ -42,7 +43,7 @@ def peft_summary(chain_settings):
 rule evaluate:
     input:
         stage=lambda w: stage_dir(RUNS[w.run].stages[-1]),
-        data=lambda w: data_dir(RUNS[w.run].eval_dataset),
+        data=lambda w: [data_dir(d) for d in RUNS[w.run].eval_datasets],
         tokenizer=f"{R}/tokenizer",
         vision=f"{R}/backbones/vision",
     output:
@@ -65,7 +66,7 @@ rule evaluate:
 
 def reference_dataset():
     return config["eval"].get("reference_dataset") or next(
-        (r.eval_dataset for r in RUNS.values()), DATASETS[0]
+        (r.eval_datasets[0] for r in RUNS.values()), DATASETS[0]
     )
 
 

@@ -57,7 +57,7 @@ class RunNode:
     base: str  # the run's name in the config
     seed: int
     stages: list[str]  # stage hashes, in order
-    eval_dataset: str
+    eval_datasets: list[str]  # the first one also gives the rank curve
     spec: dict[str, Any]
 
 
@@ -227,9 +227,10 @@ def plan(config: dict[str, Any]) -> tuple[dict[str, StageNode], dict[str, RunNod
                 )
                 hashes.append(h)
                 parent = h
-            eval_dataset = spec.get("eval_dataset", stages[hashes[-1]].dataset)
-            if eval_dataset not in config["datasets"]:
-                raise ConfigError(f"runs.{run_name}.eval_dataset: unknown dataset {eval_dataset!r}")
+            eval_datasets = spec.get("eval_datasets") or [stages[hashes[-1]].dataset]
+            for d in eval_datasets:
+                if d not in config["datasets"]:
+                    raise ConfigError(f"runs.{run_name}.eval_datasets: unknown dataset {d!r}")
             instance = f"{run_name}_s{seed}"
-            runs[instance] = RunNode(instance, run_name, seed, hashes, eval_dataset, spec)
+            runs[instance] = RunNode(instance, run_name, seed, hashes, list(eval_datasets), spec)
     return stages, runs
