@@ -52,6 +52,15 @@ def check_references(config: dict[str, Any], source: str = "config") -> None:
                 f"(known: {sorted(names)})"
             )
 
+    world = config.get("world", {})
+    if world and world.get("image_size", 64) < 8 * world.get("grid", 3):
+        raise ConfigError(f"{source}: world.image_size {world['image_size']} is too small for "
+                          f"world.grid {world['grid']} (needs >= 8 x grid)")
+    for kind in ("vision", "lm"):
+        spec = config.get(kind, {})
+        if spec.get("source") == "tiny" and not spec.get("config"):
+            raise ConfigError(f"{source}: {kind}.source is 'tiny' but {kind}.config (the model "
+                              "sizes) is missing")
     tok = config.get("tokenizer", {})
     if tok.get("source", "train") == "train":
         for name in tok.get("corpus", []):

@@ -88,6 +88,8 @@ def fetch_pretrained(kind: str, source: str, out: str | Path) -> None:
     The hub path is the real recipe's; CI exercises the same code through ``local:``.
     """
     scheme, ident, revision = parse_source(source)
+    if scheme == "local" and not Path(ident).is_dir():
+        raise FileNotFoundError(f"{kind}.source {source!r}: no such directory")
     kwargs = {"revision": revision} if revision else {}
     with atomic_path(out, is_dir=True) as tmp:
         if kind == "vision":
@@ -112,6 +114,8 @@ def fetch_pretrained(kind: str, source: str, out: str | Path) -> None:
 def encode_texts(
     tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
 ) -> list[list[int]]:
+    if not texts:  # transformers 5 raises IndexError on an empty batch
+        return []
     ids = tokenizer(texts, add_special_tokens=False).input_ids
     return [[tokenizer.bos_token_id, *x[: max_length - 2], tokenizer.eos_token_id] for x in ids]
 
