@@ -29,7 +29,7 @@ from datasets import load_from_disk
 from tqdm.auto import tqdm
 
 from vlalign.data.tokenizer import load_tokenizer, vlm_token_ids
-from vlalign.io_utils import atomic_path, write_json_atomic
+from vlalign.io_utils import atomic_path, stable_hash, write_json_atomic
 from vlalign.models.backbones import load_image_processor
 from vlalign.models.vlm import VisionLanguageModel
 from vlalign.train.data import StageExamples, collate
@@ -137,7 +137,7 @@ def heldout_loss(
         n = int((batch["labels"] != -100).sum())
         extra_kw = peft.forward_kwargs(len(batch["input_ids"])) if peft else {}
         out = model(**batch, mask_mode=mask_mode, **extra_kw)
-        total += float(out.loss) * n
+        total += out.loss.detach().item() * n
         count += n
     model.train(was_training)
     return total / max(count, 1)
@@ -166,8 +166,23 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def checkpoint_identity(stage_hash: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed (interval changes are harmless)."""
+    return {
+        "hash": stage_hash,
+        "settings": {k: v for k, v in settings.items() if k != "checkpoint_every"},
+    }
+
+
 def save_checkpoint(
-    path: Path, model, optimizer, scheduler, step: int, rows: list[dict], peft=None
+    path: Path,
+    model,
+    optimizer,
+    scheduler,
+    step: int,
+    rows: list[dict],
+    peft=None,
+    identity: dict[str, Any] | None = None,
 ) -> None:
     """Atomic: a job killed while saving keeps its previous checkpoint."""
     path.mkdir(parents=True, exist_ok=True)
@@ -179,14 +194,23 @@ def save_checkpoint(
         "rng": _rng_state(),
         "log": rows,
         "peft": peft.state_dict() if peft else None,
+        "identity": identity,
     }
     tmp = path / f".{STATE_FILE}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, path / STATE_FILE)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, peft=None) -> tuple[int, list[dict]]:
+def load_checkpoint(
+    path: Path, model, optimizer, scheduler, peft=None, identity: dict[str, Any] | None = None
+) -> tuple[int, list[dict]]:
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    if identity is not None and stable_hash(state.get("identity")) != stable_hash(identity):
+        raise ValueError(
+            f"{path / STATE_FILE}: checkpoint was written by a stage with other "
+            f"settings (hash {(state.get('identity') or {}).get('hash')}, this "
+            f"stage {identity['hash']}); delete it to start this stage over"
+        )
     missing = set(trainable_state(model)) - set(state["model"])
     if missing:
         raise ValueError(
@@ -257,6 +281,11 @@ def train_stage(
                 )
     n_trainable, pct = peft.count_trainable(model) if peft else count_parameters(model)
 
+    if paths.features is not None and float(settings["lr"].get("vision", 0)) > 0:
+        raise ValueError(
+            f"stage {name}: a frozen-feature cache ({paths.features}) cannot train "
+            "the vision encoder (lr.vision > 0); read images instead"
+        )
     processor = load_image_processor(paths.vision) if paths.features is None else None
     train = stage_examples(paths, "train", settings, tokenizer, processor)
     subset = data_subset(len(train), settings.get("data_fraction", 1.0), seed)
@@ -281,9 +310,15 @@ def train_stage(
     device = accelerator.device
 
     start_step, rows = 0, []
+    identity = checkpoint_identity(stage_hash, settings)
     if (paths.checkpoint_dir / STATE_FILE).exists():
         start_step, rows = load_checkpoint(
-            paths.checkpoint_dir, accelerator.unwrap_model(model), optimizer, scheduler, peft
+            paths.checkpoint_dir,
+            accelerator.unwrap_model(model),
+            optimizer,
+            scheduler,
+            peft,
+            identity,
         )
         log.info(
             "stage %s: resuming from step %d/%d (%s)", name, start_step, total, paths.checkpoint_dir
@@ -333,7 +368,7 @@ def train_stage(
                 )
                 loss = out.loss * (n / n_sup)  # token-weighted mean over the global batch
                 accelerator.backward(loss)
-            loss_sum += float(out.loss) * n
+            loss_sum += out.loss.detach().item() * n
             n_img_tokens = out.num_image_tokens
             n_tokens += int(batch["attention_mask"].sum()) + out.num_image_tokens * len(
                 batch["input_ids"]
@@ -360,7 +395,14 @@ def train_stage(
         if done % settings.get("checkpoint_every", 50) == 0 and done < total:
             if accelerator.is_main_process:
                 save_checkpoint(
-                    paths.checkpoint_dir, unwrapped, optimizer, scheduler, done, rows, peft
+                    paths.checkpoint_dir,
+                    unwrapped,
+                    optimizer,
+                    scheduler,
+                    done,
+                    rows,
+                    peft,
+                    identity,
                 )
             accelerator.wait_for_everyone()
 

@@ -69,14 +69,34 @@ def data_identity(config: dict[str, Any], dataset: str) -> dict[str, Any]:
     return ident
 
 
+def pretraining_data(config: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    """Identities of the data a tiny backbone (or the trained tokenizer) learns from."""
+    names: list[str] = []
+    if kind in ("vision", "lm") and config[kind]["source"] == "tiny":
+        pre = config[kind]["pretrain"]
+        names = [pre["dataset"]] if kind == "vision" else list(pre["datasets"])
+    if kind == "tokenizer" and config["tokenizer"].get("source", "train") == "train":
+        names = list(config["tokenizer"].get("corpus", []))
+    return [data_identity(config, n) for n in names]
+
+
 def feature_key(config: dict[str, Any], dataset: str) -> str:
-    """Hash of (encoder, preprocessing, dataset): the vision section fixes both encoder and
-    preprocessing (image size) of the frozen encoder."""
-    return stable_hash({"encoder": config["vision"], "data": data_identity(config, dataset)})
+    """Hash of (encoder, preprocessing, dataset): the vision section (and its pre-training data)
+    fixes the encoder and its preprocessing (image size); the storage dtype is part of it too."""
+    return stable_hash(
+        {
+            "encoder": config["vision"],
+            "pretrain": pretraining_data(config, "vision"),
+            "dtype": config.get("features", {}).get("dtype", "float32"),
+            "data": data_identity(config, dataset),
+        }
+    )
 
 
 def backbone_identity(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: config.get(k) for k in ("vision", "lm", "tokenizer", "model", "world", "seed")}
+    ident = {k: config.get(k) for k in ("vision", "lm", "tokenizer", "model", "world", "seed")}
+    ident["pretrain"] = {k: pretraining_data(config, k) for k in ("vision", "lm", "tokenizer")}
+    return ident
 
 
 def resolve_stage(config: dict[str, Any], item: str | dict[str, Any]) -> tuple[str, dict]:

@@ -1,0 +1,259 @@
+"""The stage DAG (``vlalign.train.plan``): content hashes, shared prefixes, ``after:``, grids,
+stage seeds and frozen-feature keys, on the real default config with small overrides."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from vlalign.config import REPO_ROOT, ConfigError, load_config
+from vlalign.train.plan import StageNode, plan
+
+CONFIG = REPO_ROOT / "config" / "config.yaml"
+
+
+def _plan(overrides: dict[str, Any] | None = None) -> tuple[dict[str, StageNode], dict]:
+    return plan(load_config(CONFIG, overrides))
+
+
+def _hashes(runs: dict, instance: str) -> list[str]:
+    return list(runs[instance].stages)
+
+
+def test_shared_prefix_is_one_node_and_diverges_after():
+    stages, runs = _plan(
+        {
+            "runs": {
+                "a": {"chain": ["stage0", "stage1", "stage2"]},
+                "b": {"chain": ["stage0", "stage1", {"stage": "stage2", "epochs": 1}]},
+            }
+        }
+    )
+    a, b = _hashes(runs, "a_s0"), _hashes(runs, "b_s0")
+    assert a[:2] == b[:2]
+    assert a[2] != b[2]
+    # the shared stages are the same nodes as those of the config's own 4-stage run
+    assert _hashes(runs, "align4_s0")[:3] == a
+    assert [stages[h].name for h in a] == ["stage0", "stage1", "stage2"]
+    assert stages[a[0]].parent is None
+    assert stages[a[1]].parent == a[0] and stages[a[2]].parent == a[1]
+    assert stages[b[2]].settings["epochs"] == 1 and stages[a[2]].settings["epochs"] == 2
+    assert stages[a[2]].chain == ["stage0", "stage1", "stage2"]
+    # one node per distinct hash: nothing is planned twice
+    assert len(stages) == len({h for r in runs.values() for h in r.stages})
+
+
+def test_changed_setting_changes_its_hash_and_descendants_only():
+    stages, runs = _plan()
+    base = _hashes(runs, "align4_s0")
+    base_prefix = _hashes(runs, "prefix_s0")
+    new_stages, new_runs = _plan({"stages": {"stage2": {"lr": {"lm": 1.0e-4}}}})
+    new = _hashes(new_runs, "align4_s0")
+    assert new[:2] == base[:2]  # ancestors untouched
+    assert new[2] != base[2] and new[3] != base[3]  # the stage and its child
+    assert new_stages[new[2]].settings["lr"] == {"vision": 5.0e-5, "projector": 1.0e-3, "lm": 1e-4}
+    # descendants through `after:` change too
+    assert _hashes(new_runs, "prefix_s0")[-1] != base_prefix[-1]
+    # a run that never reaches stage2 keeps every hash
+    assert _hashes(new_runs, "recap_s0") == _hashes(runs, "recap_s0")
+
+
+def test_train_defaults_and_data_are_part_of_the_hash():
+    _, runs = _plan()
+    _, longer = _plan({"train": {"max_length": 64}})
+    assert not set(_hashes(runs, "align4_s0")) & set(_hashes(longer, "align4_s0"))
+    _, more_data = _plan({"datasets": {"world": {"splits_sizes": {"train": 256}}}})
+    assert _hashes(more_data, "align4_s0")[0] != _hashes(runs, "align4_s0")[0]
+
+
+def test_checkpoint_every_is_not_part_of_the_hash():
+    stages, runs = _plan()
+    new_stages, new_runs = _plan(
+        {"train": {"checkpoint_every": 3}, "stages": {"stage1": {"checkpoint_every": 7}}}
+    )
+    assert _hashes(new_runs, "align4_s0") == _hashes(runs, "align4_s0")
+    h0, h1 = _hashes(new_runs, "align4_s0")[:2]
+    # ... but the job still gets it
+    assert new_stages[h0].settings["checkpoint_every"] == 3
+    assert new_stages[h1].settings["checkpoint_every"] == 7
+    assert stages[h1].settings["checkpoint_every"] == 25
+
+
+def test_seeds_give_distinct_stages_unless_pinned():
+    stages, runs = _plan(
+        {
+            "runs": {
+                "two": {"chain": ["stage0", "stage1"], "seeds": [0, 1]},
+                "pinned": {"chain": [{"stage": "stage0", "seed": 5}, "stage1"], "seeds": [0, 1]},
+            }
+        }
+    )
+    s0, s1 = _hashes(runs, "two_s0"), _hashes(runs, "two_s1")
+    assert not set(s0) & set(s1)
+    assert [stages[h].seed for h in s0] == [0, 0] and [stages[h].seed for h in s1] == [1, 1]
+    p0, p1 = _hashes(runs, "pinned_s0"), _hashes(runs, "pinned_s1")
+    assert p0[0] == p1[0] and stages[p0[0]].seed == 5
+    assert "seed" not in stages[p0[0]].settings  # the seed is the node's, not a train setting
+    assert p0[1] != p1[1]
+    assert (stages[p0[1]].seed, stages[p1[1]].seed) == (0, 1)
+    assert p0[0] not in (s0[0], s1[0])
+
+
+def test_stage_level_seed_pin_in_stages_section():
+    stages, runs = _plan(
+        {
+            "stages": {"stage0": {"seed": 9}},
+            "runs": {"two": {"chain": ["stage0", "stage1"], "seeds": [0, 1]}},
+        }
+    )
+    a, b = _hashes(runs, "two_s0"), _hashes(runs, "two_s1")
+    assert a[0] == b[0] and stages[a[0]].seed == 9
+    assert a[1] != b[1]
+
+
+def test_after_expands_the_base_chain_with_its_first_seed():
+    stages, runs = _plan(
+        {
+            "runs": {
+                "base": {"chain": ["stage0", "stage1"], "seeds": [3, 4]},
+                "child": {"after": "base", "chain": ["pt_prefix"], "seeds": [0, 1]},
+                "grandchild": {"after": "child", "chain": ["ft_lora_prefix"], "seeds": [7]},
+            }
+        }
+    )
+    base3 = _hashes(runs, "base_s3")
+    c0, c1 = _hashes(runs, "child_s0"), _hashes(runs, "child_s1")
+    assert c0[:2] == c1[:2] == base3  # every child seed starts from base seed 3, trained once
+    assert c0[2] != c1[2]
+    assert [stages[h].seed for h in c0] == [3, 3, 0]
+    assert stages[c0[2]].parent == base3[-1]
+    g = _hashes(runs, "grandchild_s7")
+    # the child's stages pin the child's first seed (0), the base's keep seed 3
+    assert g[:3] == c0 and stages[g[3]].seed == 7
+    # the default config's PEFT grid: every seed of a cell after align4 shares align4_s0
+    assert _hashes(runs, "lora_s0")[:4] == _hashes(runs, "lora_s1")[:4]
+    assert _hashes(runs, "lora_s0")[:4] == _hashes(runs, "align4_s0")
+
+
+@pytest.mark.parametrize(
+    ("runs", "needle"),
+    [
+        ({"x": {"after": "nosuchrun", "chain": ["stage0"]}}, "nosuchrun"),
+        (
+            {"x": {"after": "y", "chain": ["stage0"]}, "y": {"after": "x", "chain": ["stage1"]}},
+            "cycle",
+        ),
+    ],
+)
+def test_bad_after(runs, needle):
+    with pytest.raises(ConfigError, match=needle):
+        _plan({"runs": runs})
+
+
+def test_grid_cartesian_product_names_and_settings():
+    stages, runs = _plan(
+        {
+            "grids": {
+                "g": {
+                    "chain": ["stage0", "stage1"],
+                    "axes": {"*.epochs": [1, 2], "stage1.lr.projector": [0.001, 0.002]},
+                    "seeds": [0],
+                }
+            }
+        }
+    )
+    names = {r.base for r in runs.values() if r.base.startswith("g-")}
+    assert names == {f"g-epochs{e}-projector{p}" for e in (1, 2) for p in (0.001, 0.002)}
+    for e in (1, 2):
+        for p in (0.001, 0.002):
+            h0, h1 = _hashes(runs, f"g-epochs{e}-projector{p}_s0")
+            # `*.` reaches every stage; `stage1.` only stage1
+            assert stages[h0].settings["epochs"] == e and stages[h1].settings["epochs"] == e
+            assert stages[h0].settings["lr"]["projector"] == 1.0e-3
+            assert stages[h1].settings["lr"]["projector"] == p
+    # cells differing only in stage1's axis share their stage0
+    a = _hashes(runs, "g-epochs1-projector0.001_s0")
+    b = _hashes(runs, "g-epochs1-projector0.002_s0")
+    c = _hashes(runs, "g-epochs2-projector0.001_s0")
+    assert a[0] == b[0] and a[1] != b[1]
+    assert a[0] != c[0]
+    # the config's own grid (after: align4) exists with its two cells
+    assert {"prefix_len-num_prefix4_s0", "prefix_len-num_prefix16_s0"} <= set(runs)
+    p4 = _hashes(runs, "prefix_len-num_prefix4_s0")
+    assert p4[:4] == _hashes(runs, "align4_s0")
+    assert stages[p4[4]].settings["peft"]["prefix"]["num_prefix"] == 4
+
+
+@pytest.mark.parametrize("axis", ["stage3.epochs", "epochs", "nosuchstage.lr.lm", "stage0."])
+def test_grid_bad_axis(axis):
+    grid = {"g": {"chain": ["stage0", "stage1"], "axes": {axis: [1, 2]}}}
+    with pytest.raises(ConfigError, match="grids.g.axes"):
+        _plan({"grids": grid})
+
+
+def test_grid_cell_name_clash_with_a_run():
+    with pytest.raises(ConfigError, match="already exists"):
+        _plan(
+            {
+                "runs": {"g-epochs1": {"chain": ["stage0"]}},
+                "grids": {"g": {"chain": ["stage0"], "axes": {"*.epochs": [1]}}},
+            }
+        )
+
+
+def test_feature_keys():
+    stages, runs = _plan(
+        {
+            "runs": {
+                # a frozen-encoder first stage on the other dataset
+                "tgt": {"chain": [{"stage": "stage1", "dataset": "world_target"}]},
+                # a frozen stage after one that trained the encoder
+                "back": {"chain": ["stage0", "stage2", "stage1"]},
+            }
+        }
+    )
+    a = [stages[h] for h in _hashes(runs, "align4_s0")]
+    assert a[0].feature_key is not None
+    assert a[0].feature_key == a[1].feature_key  # same frozen encoder, same dataset
+    assert a[2].feature_key is None and a[3].feature_key is None  # lr.vision > 0
+    human = [stages[h] for h in _hashes(runs, "human_s0")]
+    assert human[0].hash != a[0].hash and human[0].feature_key == a[0].feature_key
+    tgt = stages[_hashes(runs, "tgt_s0")[0]]
+    assert tgt.feature_key is not None and tgt.feature_key != a[0].feature_key
+    back = [stages[h] for h in _hashes(runs, "back_s0")]
+    assert back[0].feature_key == a[0].feature_key
+    assert back[1].feature_key is None
+    assert back[2].settings["lr"]["vision"] == 0 and back[2].feature_key is None
+    # PEFT stages after align4 froze the encoder, but the encoder was trained in stage2
+    assert stages[_hashes(runs, "prefix_s0")[-1]].feature_key is None
+    # a different encoder gives a different cache
+    s2, r2 = _plan({"vision": {"config": {"hidden_size": 64}}})
+    assert s2[_hashes(r2, "align4_s0")[0]].feature_key != a[0].feature_key
+
+
+def test_backbone_pretraining_data_is_part_of_first_stage_identity():
+    over = {"runs": {"tgt": {"chain": [{"stage": "stage1", "dataset": "world_target"}]}}}
+    s1, r1 = _plan(over)
+    s2, r2 = _plan({**over, "datasets": {"world": {"splits_sizes": {"train": 300}}}})
+    n1, n2 = s1[_hashes(r1, "tgt_s0")[0]], s2[_hashes(r2, "tgt_s0")[0]]
+    assert n1.hash != n2.hash
+    assert n1.feature_key != n2.feature_key
+
+
+def test_unknown_stage_is_named():
+    with pytest.raises(ConfigError, match="nosuchstage"):
+        _plan({"runs": {"x": {"chain": ["stage0", "nosuchstage"]}}})
+
+
+def test_unknown_dataset_is_named():
+    over = {
+        "stages": {"odd": {"dataset": "nosuchdata", "text": "recaption", "lr": {"projector": 1}}},
+        "runs": {"x": {"chain": ["odd"]}},
+    }
+    with pytest.raises(ConfigError, match=r"stages\.odd\.dataset.*nosuchdata"):
+        _plan(over)
+    with pytest.raises(ConfigError, match="nosuchdata"):
+        _plan({"runs": {"x": {"chain": [{"stage": "stage0", "dataset": "nosuchdata"}]}}})
+    with pytest.raises(ConfigError, match="eval_datasets.*nosuchdata"):
+        _plan({"runs": {"x": {"chain": ["stage0"], "eval_datasets": ["nosuchdata"]}}})

@@ -1,0 +1,283 @@
+"""The stage trainer (``vlalign.train.loop``) on the tiny world: freezing by LR 0, the LR
+schedule, gradient accumulation, the frozen-feature cache, and a 4-stage chain that learns."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from datasets import load_from_disk
+from train_fixtures import (
+    TinyAssets,
+    column,
+    read_log,
+    stage_paths,
+    stage_settings,
+    tiny_assets,
+    train,
+)
+
+from vlalign.data.tokenizer import load_tokenizer, vlm_token_ids
+from vlalign.models.backbones import load_image_processor, load_lm, load_vision
+from vlalign.models.vlm import VisionLanguageModel
+from vlalign.train.data import StageExamples
+from vlalign.train.features import FeatureCache, build_feature_cache
+from vlalign.train.loop import heldout_loss, stage_examples
+from vlalign.train.optim import build_optimizer, lr_lambdas
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> TinyAssets:
+    torch.set_num_threads(1)
+    return tiny_assets(tmp_path_factory, pretrain=True)
+
+
+@pytest.fixture(scope="module")
+def features(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("features") / "cache"
+    build_feature_cache(assets.vision, assets.data, out, batch_size=64)
+    return out
+
+
+def _fresh_model(assets: TinyAssets, seed: int = 0, mask: str = "prefix") -> VisionLanguageModel:
+    """What a first stage starts from: the backbones and a projector initialised with ``seed``."""
+    tok = load_tokenizer(assets.tokenizer)
+    torch.manual_seed(seed)
+    return VisionLanguageModel.from_parts(
+        assets.vision,
+        assets.lm,
+        mask_mode=mask,
+        protected_token_ids=sorted(set(vlm_token_ids(tok).values())),
+        noise_vocab_size=len(tok),
+    )
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ------------------------------------------------------------------------------ freezing
+@pytest.mark.parametrize(
+    ("lr", "trained"),
+    [
+        ({"vision": 0, "projector": 1e-3, "lm": 0}, "projector"),
+        ({"vision": 0, "projector": 0, "lm": 1e-3}, "lm"),
+    ],
+)
+def test_lr_zero_freezes_module(assets, tmp_path, lr, trained):
+    result, out = train(assets, tmp_path, "s", stage_settings(lr=lr, max_steps=2))
+    after = VisionLanguageModel.from_pretrained(out / "model")
+    before = _fresh_model(assets)
+    assert _same(after.vision, load_vision(assets.vision))
+    for name in ("projector", "lm"):
+        unchanged = _same(getattr(after, name), getattr(before, name))
+        assert unchanged == (name != trained), f"{name}: unchanged={unchanged}"
+    if trained == "lm":
+        assert _same(before.lm, load_lm(assets.lm))  # the reference really is the backbone
+    n_trained = sum(p.numel() for p in getattr(after, trained).parameters())
+    n_total = sum(p.numel() for p in after.parameters())
+    assert result["trainable_params"] == n_trained
+    assert result["trainable_pct"] == pytest.approx(100 * n_trained / n_total)
+
+
+# ------------------------------------------------------------------------------ LR schedule
+def test_lr_lambdas_warmup_then_cosine_to_min_lr():
+    groups = [{"lr": 1e-3}, {"lr": 5e-4}]
+    total, warmup, min_lr = 20, 4, 1e-6
+    for base, f in zip((1e-3, 5e-4), lr_lambdas(groups, "cosine", total, warmup, min_lr)):
+        lrs = [base * f(s) for s in range(total + 1)]
+        warm = lrs[: warmup + 1]
+        assert all(b > a for a, b in zip(warm, warm[1:]))  # rising warm-up ...
+        assert np.allclose(np.diff(warm), warm[1] - warm[0])  # ... linear
+        assert lrs[warmup] == pytest.approx(base)  # peak at the end of warm-up
+        decay = lrs[warmup:]
+        assert all(b < a for a, b in zip(decay, decay[1:]))
+        assert lrs[total] == pytest.approx(min_lr, rel=1e-9)  # absolute floor, every group
+        mid = warmup + (total - warmup) // 2
+        assert lrs[mid] == pytest.approx(min_lr + (base - min_lr) * 0.5)  # cosine half-way
+    lin = lr_lambdas(groups, "linear", total, warmup, min_lr)[0]
+    assert lin(total) == 0 and lin(warmup) == 1
+    const = lr_lambdas(groups, "constant", total, warmup, min_lr)[0]
+    assert [const(s) for s in range(warmup, total + 1)] == [1.0] * (total - warmup + 1)
+
+
+def test_scheduler_reaches_min_lr_after_total_steps():
+    p = torch.nn.Parameter(torch.zeros(2, 2))
+    groups = [{"params": [p], "lr": 2e-3, "weight_decay": 0.0}]
+    settings = {"warmup_ratio": 0.25, "min_lr": 1e-7, "schedule": "cosine"}
+    optimizer, scheduler = build_optimizer(groups, settings, total=8)
+    seen = []
+    for _ in range(8):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen[2] == pytest.approx(2e-3)  # warm-up of round(0.25 * 8) = 2 steps
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-7)
+
+
+def test_train_log_lr_column_follows_the_schedule(assets, tmp_path):
+    base, min_lr, total, warmup = 1e-3, 1e-5, 10, 2
+    settings = stage_settings(max_steps=total, warmup_ratio=0.2, min_lr=min_lr)
+    _, out = train(assets, tmp_path, "s", settings)
+    rows = read_log(out)
+    assert column(rows, "step") == list(range(1, total + 1))
+    lrs = column(rows, "lr")
+    assert lrs[0] < lrs[1] < lrs[warmup] == pytest.approx(base)
+    for i in range(warmup, total):  # the LR each step used: cosine from base towards min_lr
+        expect = min_lr + (base - min_lr) * 0.5 * (1 + math.cos(math.pi * (i - warmup) / 8))
+        assert lrs[i] == pytest.approx(expect, rel=1e-6), i
+    assert all(math.isfinite(x) and x > 0 for x in column(rows, "grad_norm"))
+    assert all(x > 0 for x in column(rows, "tokens_per_s") + column(rows, "samples_per_s"))
+
+
+# ------------------------------------------------------------------------------ bad batches
+def test_batch_without_targets_raises(assets, tmp_path):
+    # every answer of the tiny world's conversations starts after position 8: all truncated
+    settings = stage_settings(text="conversations", max_length=8, max_steps=2)
+    with pytest.raises(RuntimeError, match=r"stage s: .*step 0.*no supervised tokens"):
+        train(assets, tmp_path, "s", settings)
+    assert not (tmp_path / "stages" / "s").exists()
+
+
+def test_batch_size_not_multiple_of_micro(assets, tmp_path):
+    with pytest.raises(ValueError, match="batch_size 12 is not a multiple of micro_batch_size 8"):
+        train(assets, tmp_path, "s", stage_settings(batch_size=12, micro_batch_size=8))
+
+
+# ------------------------------------------------------------------------------ accumulation
+def test_gradient_accumulation_matches_one_big_batch(assets, tmp_path):
+    # recaptions differ in length, so the two micro-batches hold different token counts: a
+    # per-micro-batch mean (instead of token weighting) would give a different loss / gradient
+    logs = {}
+    for micro in (8, 4, 2):
+        settings = stage_settings(
+            batch_size=8,
+            micro_batch_size=micro,
+            max_steps=2,
+            warmup_ratio=0.0,
+            lr={"vision": 0, "projector": 1e-3, "lm": 1e-3},
+        )
+        _, out = train(assets, tmp_path / f"m{micro}", "s", settings)
+        logs[micro] = read_log(out)
+    ref = logs[8]
+    for micro in (4, 2):
+        for r, m in zip(ref, logs[micro]):  # step 2 also checks the update was the same
+            assert m["loss"] == pytest.approx(r["loss"], rel=1e-4, abs=1e-5)
+            assert m["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-3)
+
+
+# ------------------------------------------------------------------------------ feature cache
+def test_feature_cache_rows_equal_direct_encoding(assets, features):
+    cache = FeatureCache(features)
+    dsd = load_from_disk(str(assets.data))
+    vlm = _fresh_model(assets).eval()
+    processor = load_image_processor(assets.vision)
+    for split in ("train", "val", "test"):
+        ds = dsd[split]
+        assert cache.index["splits"][split]["image_ids"] == list(ds["image_id"])
+        arr = cache.split(split)
+        rows = [0, 7, len(ds) - 1]
+        pixels = processor(
+            images=[ds[i]["image"].convert("RGB") for i in rows], return_tensors="pt"
+        )["pixel_values"]
+        with torch.no_grad():
+            direct = vlm.encode_images(pixels).numpy()
+        assert arr.shape == (len(ds), 64, 32)  # (64 / 8)^2 patches, hidden 32
+        np.testing.assert_allclose(arr[rows], direct, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="do not match"):
+        tok = load_tokenizer(assets.tokenizer)
+        StageExamples(
+            dsd["train"].select(range(95, -1, -1)),
+            tok,
+            "recaption",
+            64,
+            features=cache,
+            split_name="train",
+        )
+    with pytest.raises(KeyError, match="nosplit"):
+        cache.split("nosplit")
+
+
+def test_feature_cache_path_equals_image_path(assets, features, tmp_path):
+    settings = stage_settings(max_steps=6)
+    r_img, out_img = train(assets, tmp_path / "img", "s", settings)
+    r_feat, out_feat = train(assets, tmp_path / "feat", "s", settings, features=features)
+    log_img, log_feat = read_log(out_img), read_log(out_feat)
+    assert len(log_img) == len(log_feat) == 6
+    np.testing.assert_allclose(column(log_feat, "loss"), column(log_img, "loss"), atol=1e-4)
+    np.testing.assert_allclose(
+        column(log_feat, "grad_norm"), column(log_img, "grad_norm"), rtol=1e-3
+    )
+    assert r_feat["heldout_loss"] == pytest.approx(r_img["heldout_loss"], abs=1e-4)
+    assert r_feat["feature_cache"] == str(features) and r_img["feature_cache"] is None
+    assert r_feat["image_tokens"] == r_img["image_tokens"] == 64
+    # the model saved from the cache path is a complete VLM (vision tower included)
+    a = VisionLanguageModel.from_pretrained(out_feat / "model")
+    b = VisionLanguageModel.from_pretrained(out_img / "model")
+    for pa, pb in zip(a.projector.parameters(), b.projector.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-4, rtol=1e-3)
+    assert _same(a.vision, b.vision)
+
+
+def test_feature_cache_with_trainable_vision_is_refused(assets, features, tmp_path):
+    settings = stage_settings(max_steps=1, lr={"vision": 1e-3, "projector": 1e-3, "lm": 0})
+    with pytest.raises(ValueError, match="vision"):
+        train(assets, tmp_path, "s", settings, features=features)
+
+
+# ------------------------------------------------------------------------------ it learns
+def _head_tail(losses: list[float], k: int = 3) -> tuple[float, float]:
+    return float(np.mean(losses[:k])), float(np.mean(losses[-k:]))
+
+
+def test_four_stage_chain_learns(assets, features, tmp_path):
+    vis_lm = {"vision": 5e-5, "projector": 1e-3, "lm": 5e-4}
+    chain = [
+        # stage0 and stage1 read the frozen-feature cache, as the pipeline plans them
+        ("stage0", {"mask": "bidirectional", "noise": 0.2, "epochs": 3}, features),
+        ("stage1", {"mask": "prefix", "epochs": 3}, features),
+        ("stage2", {"lr": vis_lm, "epochs": 2}, None),
+        (
+            "stage3",
+            {"text": "conversations", "lr": {**vis_lm, "projector": 1e-4}, "epochs": 2},
+            None,
+        ),
+    ]
+    parent, results = None, {}
+    for name, over, feats in chain:
+        result, out = train(
+            assets, tmp_path, name, stage_settings(**over), parent=parent, features=feats
+        )
+        losses = column(read_log(out), "loss")
+        first, last = _head_tail(losses)
+        assert last < first, f"{name}: loss did not fall ({first:.3f} -> {last:.3f})"
+        stage_json = json.loads((out / "stage.json").read_text())
+        assert stage_json["steps"] == len(losses) == 6 * over["epochs"]
+        assert stage_json["parent"] == (str(parent) if parent else None)
+        for key in ("trainable_params", "trainable_pct", "heldout_loss"):
+            assert stage_json[key] == pytest.approx(result[key]), key
+        assert 0 < stage_json["trainable_pct"] <= 100
+        assert math.isfinite(stage_json["heldout_loss"])
+        assert not (tmp_path / "checkpoints" / name).exists()
+        results[name] = stage_json
+        parent = out
+    # projector only in stage0/1 (a few % of the model); everything in stage2/3
+    assert results["stage0"]["trainable_pct"] == results["stage1"]["trainable_pct"] < 20
+    assert results["stage2"]["trainable_pct"] == pytest.approx(100)
+    assert results["stage2"]["heldout_loss"] < results["stage1"]["heldout_loss"]
+
+    # stage0 + stage1 beat the same model with a never-trained projector on held-out recaptions
+    tok = load_tokenizer(assets.tokenizer)
+    settings = stage_settings()
+    paths = stage_paths(assets, tmp_path, "untrained")
+    val = stage_examples(paths, "val", settings, tok, load_image_processor(assets.vision))
+    untrained = heldout_loss(_fresh_model(assets, seed=0), val, tok.pad_token_id)
+    assert results["stage1"]["heldout_loss"] < untrained - 0.05, (
+        results["stage1"]["heldout_loss"],
+        untrained,
+    )
