@@ -159,6 +159,7 @@ def expand_grid(gname: str, grid: dict[str, Any]) -> dict[str, dict[str, Any]]:
         name = "-".join([gname, *labels]) if labels else gname
         runs[name] = {k: v for k, v in grid.items() if k not in ("axes", "chain")}
         runs[name]["chain"] = chain
+        runs[name]["grid"] = gname  # tables tell sweep cells from named runs by this
     return runs
 
 
