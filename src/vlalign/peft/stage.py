@@ -14,6 +14,7 @@ chain expresses every PT-PEFT order of seed 003:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from vlalign.peft.registry import (
 )
 
 PEFT_DIR = "peft"
+log = logging.getLogger(__name__)
 
 
 class PeftSession:
@@ -111,6 +113,15 @@ def attach_peft(
             raise ValueError(f"peft.{name}: needs an 'lr' (0 keeps it attached but frozen)")
         lrs[name] = float(cfg.pop("lr"))
         method = next((m for m in methods if m.name == name), None)
+        if method is not None:
+            differ = {k: v for k, v in cfg.items() if method.cfg.get(k) != v}
+            if differ:  # the parent's trained method keeps its own shape
+                log.warning(
+                    "peft.%s: attached from the parent stage; ignoring %s (parent has %s)",
+                    name,
+                    differ,
+                    {k: method.cfg.get(k) for k in differ},
+                )
         if method is None:
             method = get_method(name)()
             method.apply(model, cfg, freeze_base=False)
@@ -130,5 +141,8 @@ def peft_hook(model: nn.Module, settings: dict[str, Any], parent_dir: Path | Non
 
 
 def load_for_inference(model: nn.Module, stage_dir: Path) -> PeftSession | None:
-    """Methods of a trained stage, attached to its loaded model, for evaluation."""
-    return attach_peft(model, None, stage_dir)
+    """Methods of a trained stage, attached to its loaded model (all frozen), for evaluation."""
+    session = attach_peft(model, None, stage_dir)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return session

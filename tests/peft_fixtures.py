@@ -1,0 +1,269 @@
+"""Helpers for the PT-PEFT stage tests: a tiny world + tokenizer + backbones built with the
+project's own functions, stage settings as the planner resolves them, a recording ``peft_hook``
+and readers of what a trained stage saved (``model/`` and ``peft/``).
+
+Not a conftest: test modules import what they need explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from vlalign.config import deep_merge
+from vlalign.data.sources import save_dataset
+from vlalign.data.tokenizer import corpus_texts, load_tokenizer, save_tokenizer, train_tokenizer
+from vlalign.data.world import generate_world
+from vlalign.models.backbones import (
+    build_tiny_lm,
+    build_tiny_vision,
+    load_image_processor,
+    make_image_processor,
+    save_backbone,
+)
+from vlalign.models.vlm import VisionLanguageModel
+from vlalign.peft.registry import COMPOSITION_FILE, WEIGHTS_FILE, owner
+from vlalign.peft.stage import PeftSession, peft_hook
+from vlalign.train.data import collate
+from vlalign.train.loop import StagePaths, stage_examples, train_stage
+from vlalign.train.plan import TRAIN_DEFAULTS
+
+WORLD_CFG = {
+    "image_size": 32,
+    "grid": 3,
+    "max_objects": 3,
+    "captions_per_image": 5,
+    "qa_per_image": 2,
+    "conversation_turns": 2,
+}
+SPLITS = {"train": 16, "val": 4, "test": 6}
+VISION_CFG = {
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+}
+# initializer_range 0.1: with near-zero weights a perturbed prefix rarely changes an argmax
+LM_CFG = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 256,
+    "initializer_range": 0.1,
+}
+FROZEN = {"vision": 0, "projector": 0, "lm": 0}
+
+
+@dataclass
+class TinyWorld:
+    root: Path
+    data: dict[str, Path]  # dataset name → saved DatasetDict dir
+    tokenizer: Path
+    vision: Path  # backbone dir (also holds the image processor)
+    lm: Path
+    base: Path | None = None  # an aligned first stage (projector trained) every PEFT stage follows
+    _n: int = field(default=0, repr=False)
+
+    def stage_dir(self, label: str) -> Path:
+        self._n += 1
+        return self.root / "stages" / f"{self._n:02d}_{label}"
+
+
+def build_world(root: Path, seed: int = 0) -> TinyWorld:
+    """Datasets ``world`` (source) and ``world_target``, a BPE tokenizer on both, and untrained
+    tiny SigLIP / Qwen2 backbones saved exactly like the pipeline's backbone rule saves them."""
+    torch.manual_seed(seed)
+    data = {}
+    corpus: list[str] = []
+    for name, domain in (("world", "source"), ("world_target", "target")):
+        dsd = generate_world(WORLD_CFG, domain=domain, splits=SPLITS, seed=seed)
+        data[name] = root / "data" / name
+        save_dataset(dsd, data[name])
+        corpus += list(corpus_texts(dsd))
+    tok = train_tokenizer(corpus, 400)
+    save_tokenizer(tok, root / "tokenizer")
+    vision = build_tiny_vision(VISION_CFG)
+    save_backbone(vision, root / "vision", {"pretrained_here": False},
+                  extra=[make_image_processor(VISION_CFG["image_size"])])
+    lm = build_tiny_lm(LM_CFG, tok)
+    save_backbone(lm, root / "lm", {"pretrained_here": False}, extra=[tok])
+    return TinyWorld(root, data, root / "tokenizer", root / "vision", root / "lm")
+
+
+def stage_settings(
+    dataset: str = "world_target",
+    text: str = "captions",
+    lr: dict[str, float] | None = None,
+    peft: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Complete stage settings, as ``vlalign.train.plan`` resolves them (defaults + stage)."""
+    stage = {
+        "dataset": dataset,
+        "text": text,
+        "lr": dict(lr or FROZEN),
+        "mask": "prefix",
+        "max_steps": 3,
+        "batch_size": 8,
+        "micro_batch_size": 8,
+        "max_length": 48,
+        "warmup_ratio": 0.0,
+        "schedule": "constant",  # every step moves the trained weights
+        "checkpoint_every": 1000,
+        "peft": peft,
+        **overrides,
+    }
+    return deep_merge(TRAIN_DEFAULTS, stage)
+
+
+def train(
+    world: TinyWorld,
+    label: str,
+    settings: dict[str, Any],
+    parent: Path | None = None,
+    hook: Any = peft_hook,
+    seed: int = 0,
+) -> tuple[Path, dict[str, Any]]:
+    """Run ``train_stage`` into a fresh stage dir; returns (dir, the stage.json dict)."""
+    out = world.stage_dir(label)
+    paths = StagePaths(
+        out=out,
+        checkpoint_dir=world.root / "checkpoints" / out.name,
+        tokenizer=world.tokenizer,
+        vision=world.vision,
+        lm=world.lm,
+        data=world.data[settings["dataset"]],
+        parent=parent,
+    )
+    result = train_stage(
+        settings, paths, name=label, stage_hash=f"{label[:12]:<12}", seed=seed, peft_hook=hook
+    )
+    return out, result
+
+
+def probe_batch(world: TinyWorld, n: int = 4, dataset: str = "world_target") -> dict:
+    """A fixed caption batch (val split) for comparing logits."""
+    settings = stage_settings(dataset=dataset)
+    paths = StagePaths(
+        out=world.root / "unused",
+        checkpoint_dir=world.root / "unused",
+        tokenizer=world.tokenizer,
+        vision=world.vision,
+        lm=world.lm,
+        data=world.data[dataset],
+    )
+    tok = load_tokenizer(world.tokenizer)
+    ex = stage_examples(paths, "val", settings, tok, load_image_processor(world.vision))
+    return collate([ex[i] for i in range(min(n, len(ex)))], tok.pad_token_id)
+
+
+@torch.no_grad()
+def peft_logits(
+    model: VisionLanguageModel, session: PeftSession | None, batch: dict
+) -> torch.Tensor:
+    """Eval-mode logits of ``model`` with the session's forward inputs (e.g. the prefix cache)."""
+    was_training = model.training
+    model.eval()
+    try:
+        kw = session.forward_kwargs(len(batch["input_ids"])) if session else {}
+        return model(**batch, **kw).logits.detach().clone()
+    finally:
+        model.train(was_training)
+
+
+def base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters no PEFT method owns, by their plain name (peft's ``.base_layer`` removed)."""
+    return {
+        n.replace(".base_layer", ""): p.detach().clone()
+        for n, p in model.named_parameters()
+        if owner(p) is None
+    }
+
+
+def method_states(session: PeftSession | None) -> dict[str, dict[str, torch.Tensor]]:
+    if session is None:
+        return {}
+    return {m.name: {k: v.clone() for k, v in m.state_dict().items()} for m in session.methods}
+
+
+@dataclass
+class Snapshot:
+    methods: dict[str, dict[str, torch.Tensor]]
+    base: dict[str, torch.Tensor]
+    requires_grad: dict[str, bool]  # every parameter of the model (PEFT-owned included)
+    numel: dict[str, int]
+
+
+def snapshot(model: nn.Module, session: PeftSession | None) -> Snapshot:
+    return Snapshot(
+        method_states(session),
+        base_parameters(model),
+        {n: p.requires_grad for n, p in model.named_parameters()},
+        {n: p.numel() for n, p in model.named_parameters()},
+    )
+
+
+class RecordingHook:
+    """The real :func:`vlalign.peft.stage.peft_hook`, plus a record of the model and session it
+    produced: a snapshot right after attaching, and one (with ``probe`` logits) just before the
+    trainer saves the stage — i.e. of the in-memory model as trained."""
+
+    def __init__(self, probe: dict | None = None):
+        self.probe = probe
+        self.model: VisionLanguageModel | None = None
+        self.session: PeftSession | None = None
+        self.at_attach: Snapshot | None = None
+        self.at_save: Snapshot | None = None
+        self.logits: torch.Tensor | None = None
+
+    def __call__(self, model, settings, parent_dir):
+        session = peft_hook(model, settings, parent_dir)
+        self.model, self.session = model, session
+        self.at_attach = snapshot(model, session)
+        if session is not None:
+            save = session.save
+
+            def recording_save(directory: Path) -> None:
+                self.at_save = snapshot(model, session)
+                if self.probe is not None:
+                    self.logits = peft_logits(model, session, self.probe)
+                save(directory)
+
+            session.save = recording_save  # instance attribute: this session only
+        return session
+
+
+def saved_peft(stage_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """``{method: {key: tensor}}`` as written to ``<stage>/peft/``; {} when there is none."""
+    root = stage_dir / "peft"
+    if not root.is_dir():
+        return {}
+    entries = json.loads((root / COMPOSITION_FILE).read_text())["methods"]
+    return {e["method"]: load_file(str(root / e["dir"] / WEIGHTS_FILE)) for e in entries}
+
+
+def saved_model(stage_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of ``<stage>/model/`` (vision, projector, LM), keyed ``<file>:<name>``."""
+    out = {}
+    for f in sorted((stage_dir / "model").rglob("*.safetensors")):
+        rel = f.relative_to(stage_dir / "model").as_posix()
+        out.update({f"{rel}:{k}": v for k, v in load_file(str(f)).items()})
+    if not out:
+        raise FileNotFoundError(f"no safetensors under {stage_dir / 'model'}")
+    return out
+
+
+def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    """Keys whose tensors differ (the key sets must match)."""
+    assert set(before) == set(after), sorted(set(before) ^ set(after))[:8]
+    return {k for k in before if not torch.equal(before[k], after[k])}
