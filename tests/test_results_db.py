@@ -161,10 +161,12 @@ def make_results_tree(root: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> dict[st
             n["missing_metrics"] += 1
             n["runs"] += 1
         # seed 003: PEFT methods and orders, prefix length variants
+        # (prefix_lora_p4 / _p16 are the cells of a `grids:` sweep, recorded as run.grid)
         for method, stages, plen in (
             ("lora", ["lora"], None),
             ("prefix_lora", ["prefix", "lora"], 16),
             ("prefix_lora_p4", ["prefix", "lora"], 4),
+            ("prefix_lora_p16", ["prefix", "lora"], 16),
             ("lora_prefix", ["lora", "prefix"], 16),
         ):
             run = f"{method}_s{seed}"
@@ -173,11 +175,15 @@ def make_results_tree(root: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> dict[st
             peft = {"method": "lora", "r": 16}
             if plen is not None:
                 peft["prefix_length"] = plen
-            _write_run(results, run, seed, chain, {"seed": seed, "peft": peft})
+            config = {"seed": seed, "peft": peft}
+            if method.startswith("prefix_lora_p"):
+                config["run"] = {"grid": "plen"}
+            _write_run(results, run, seed, chain, config)
             cider = {
                 "lora": 1.17,
                 "prefix_lora": 1.31,
                 "prefix_lora_p4": 1.22,
+                "prefix_lora_p16": 1.30,
                 "lora_prefix": 1.20,
             }[method] + 0.004 * rng.standard_normal()
             vals = {
@@ -252,7 +258,8 @@ def test_runs_and_train_log_content(tree):
         "SELECT run, CAST(json_extract(config, '$.peft.prefix_length') AS INT) AS p "
         "FROM runs WHERE run LIKE 'prefix_lora%' ORDER BY run",
     )
-    assert pl["p"].tolist() == [4, 4, 16, 16]  # prefix_lora_p4_s* sort first
+    # prefix_lora_p16_s*, prefix_lora_p4_s*, prefix_lora_s*
+    assert pl["p"].tolist() == [16, 16, 4, 4, 16, 16]
     # a run's train log is its chain's stage logs, concatenated in chain order
     log = query(db, "SELECT * FROM train_log WHERE run='lora_prefix_s0' ORDER BY global_step")
     assert log["stage"].tolist() == ["lora"] * 9 + ["prefix"] * 8

@@ -20,8 +20,8 @@ import pytest
 import yaml
 from slurm_fixture import PROFILE, REPO, SCRIPT, SlurmCluster, slurm_cluster  # noqa: F401
 
-GPU_RULES = {"train_stage", "evaluate"}
-CPU_RULES = {"dataset", "tokenizer", "backbone", "features", "reference_rank", "aggregate",
+GPU_RULES = {"train_stage", "evaluate", "features"}
+CPU_RULES = {"dataset", "tokenizer", "backbone", "reference_rank", "aggregate",
              "tables", "plots"}
 
 # Each job records who ran it: the SLURM job id and the GPUs SLURM granted.
