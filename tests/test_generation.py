@@ -7,7 +7,8 @@ import copy
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from tiny_configs import lm_config, vision_config
+from transformers import Qwen2ForCausalLM, SiglipVisionModel
 from transformers.cache_utils import DynamicCache
 
 from vlalign.models.generation import generate
@@ -16,25 +17,8 @@ from vlalign.models.vlm import VisionLanguageModel
 
 torch.set_num_threads(1)
 
-VISION_CFG = SiglipVisionConfig(
-    image_size=32,
-    patch_size=8,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-)
-# initializer_range 0.1 (not 0.02): with near-zero random weights every mask mode would produce
-# the same argmax tokens and the cached-vs-recomputed comparison would prove nothing.
-LM_CFG = Qwen2Config(
-    vocab_size=64,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    initializer_range=0.1,
-)
+VISION_CFG = vision_config()
+LM_CFG = lm_config()
 PAD, EOS = 0, 2
 PROMPTS = [[5, 6, 7], [], [9], [11, 12, 13, 14, 15]]  # different lengths, one empty
 MAX_NEW = 8

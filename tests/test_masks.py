@@ -7,7 +7,8 @@ import copy
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from tiny_configs import lm_config, vision_config
+from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionModel
 from transformers.cache_utils import DynamicCache
 
 from vlalign.models.masks import MASK_MODES, build_attention_mask, reference_mask
@@ -16,23 +17,8 @@ from vlalign.models.vlm import VisionLanguageModel
 
 torch.set_num_threads(1)
 
-VISION_CFG = SiglipVisionConfig(
-    image_size=32,
-    patch_size=8,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-)
-LM_CFG = Qwen2Config(
-    vocab_size=64,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    initializer_range=0.1,
-)
+VISION_CFG = vision_config()
+LM_CFG = lm_config()
 N_IMG = 16  # (32 / 8) ** 2 patch tokens
 P = 3
 

@@ -9,7 +9,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from tiny_configs import lm_config
+from transformers import Qwen2ForCausalLM
 
 from vlalign.peft import (
     PEFT_METHODS,
@@ -30,16 +31,7 @@ from vlalign.peft.registry import PeftMethod
 
 torch.set_num_threads(1)
 
-# initializer_range 0.1: with near-zero weights every variant would give the same argmax tokens
-LM_CFG = Qwen2Config(
-    vocab_size=64,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    initializer_range=0.1,
-)
+LM_CFG = lm_config()
 HEAD_DIM = 64 // 4
 P = 4
 

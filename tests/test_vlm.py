@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from tiny_configs import lm_config, vision_config
+from transformers import Qwen2ForCausalLM, SiglipVisionModel
 
 from vlalign.models.masks import build_attention_mask
 from vlalign.models.noise import corrupt_tokens
@@ -17,23 +18,8 @@ from vlalign.models.vlm import VisionLanguageModel, position_ids_from_mask
 
 torch.set_num_threads(1)
 
-VISION_CFG = SiglipVisionConfig(
-    image_size=32,
-    patch_size=8,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-)
-LM_CFG = Qwen2Config(
-    vocab_size=64,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    initializer_range=0.1,
-)
+VISION_CFG = vision_config()
+LM_CFG = lm_config()
 N_IMG = 16
 PAD, BOS, EOS = 0, 1, 2
 
