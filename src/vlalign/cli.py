@@ -178,30 +178,56 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     p, ev = args.params, args.params["eval"]
     stage_dir, out_dir = Path(args.stage), Path(args.out_dir)
     stage = json.loads((stage_dir / "stage.json").read_text())
-    started = datetime.now(UTC).isoformat()
+    # The run started when its first stage did (shared stages: when that one was trained).
+    first = Path(p["chain"][0]["dir"]) / "stage.json"
+    started = json.loads(first.read_text())["start"] if first.is_file() else None
 
-    def run_eval(out: Path, data: str, dataset: str, variant: str, task: str,
-                 rank_samples: int, extra=()) -> dict:
-        model = VisionLanguageModel.from_pretrained(stage_dir / "model")
-        model.to(default_device())
-        peft = load_for_inference(model, stage_dir)
+    # One model (and its PEFT methods) for every dataset and prefix variant of this run.
+    model = VisionLanguageModel.from_pretrained(stage_dir / "model")
+    model.to(default_device())
+    peft = load_for_inference(model, stage_dir)
+
+    def run_eval(
+        out: Path, data: str, dataset: str, variant: str, task: str, rank_samples: int, extra=()
+    ) -> dict:
         return evaluate_run(
-            stage_dir / "model", data, args.tokenizer, args.vision, out,
-            run=p["run"], stage=stage["name"], dataset=dataset, split=ev["split"],
-            task=task, num_beams=ev["num_beams"], max_new_tokens=ev["max_new_tokens"],
-            batch_size=ev["batch_size"], spice=ev["spice"], rank_samples=rank_samples,
+            stage_dir / "model",
+            data,
+            args.tokenizer,
+            args.vision,
+            out,
+            run=p["run"],
+            stage=stage["name"],
+            dataset=dataset,
+            split=ev["split"],
+            task=task,
+            num_beams=ev["num_beams"],
+            max_new_tokens=ev["max_new_tokens"],
+            batch_size=ev["batch_size"],
+            spice=ev["spice"],
+            rank_samples=rank_samples,
             prefix_cache_fn=peft.prefix_cache_fn(variant) if peft else None,
-            extra_records=extra, model=model,
+            extra_records=extra,
+            model=model,
         )
 
     if len(args.data) != len(p["datasets"]):
         raise ValueError(f"--data has {len(args.data)} paths for datasets {p['datasets']}")
-    stage_records = [{"metric": k, "value": stage[k]}
-                     for k in ("trainable_params", "trainable_pct", "heldout_loss")]
+    stage_records = [
+        {"metric": k, "value": stage[k]}
+        for k in ("trainable_params", "trainable_pct", "heldout_loss")
+    ]
     # The first dataset writes the run's own predictions / rank curve; others go in
     # sub-directories and their records are merged into one metrics.json.
-    metrics = run_eval(out_dir, args.data[0], p["datasets"][0], "normal", ev["task"],
-                       ev["rank_samples"], stage_records)
+    metrics = run_eval(
+        out_dir,
+        args.data[0],
+        p["datasets"][0],
+        "normal",
+        ev["task"],
+        ev["rank_samples"],
+        stage_records,
+    )
     for data, dataset in list(zip(args.data, p["datasets"]))[1:]:
         more = run_eval(out_dir / dataset, data, dataset, "normal", ev["task"], 2)
         metrics["records"] += [r for r in more["records"] if r["metric"] != "effective_rank_0.9"]
@@ -209,8 +235,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     has_prefix = "prefix" in stage.get("peft", [])
     for variant in [v for v in ev["prefix_variants"] if v != "normal" and has_prefix]:
         # seed 003 Table 5: the same model with its prefix removed / replaced by noise
-        extra = run_eval(out_dir / f"variant-{variant}", args.data[0], p["datasets"][0],
-                         variant, "caption", rank_samples=2)
+        extra = run_eval(
+            out_dir / f"variant-{variant}",
+            args.data[0],
+            p["datasets"][0],
+            variant,
+            "caption",
+            rank_samples=2,
+        )
         for rec in extra["records"]:  # a stage name of its own keeps tables unambiguous
             if rec["metric"] == "effective_rank_0.9":
                 continue
@@ -229,7 +261,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             "config": p["config"],
             "git_commit": git_commit(),
             "packages": package_versions(),
-            "start": p.get("start") or started,
+            "start": started or datetime.now(UTC).isoformat(),
             "end": datetime.now(UTC).isoformat(),
             "device": device_name(),
         },
@@ -265,12 +297,17 @@ def cmd_plan(args: argparse.Namespace) -> None:
     results = Path(config["results_dir"])
     for run in runs.values():
         done = (results / "runs" / run.name / "metrics.json").exists()
-        print(f"{run.name}  [{'evaluated' if done else 'pending'}]  eval on "
-              f"{', '.join(run.eval_datasets)}")
+        print(
+            f"{run.name}  [{'evaluated' if done else 'pending'}]  eval on "
+            f"{', '.join(run.eval_datasets)}"
+        )
         for h in run.stages:
             node = stages[h]
-            state = "done" if (results / "stages" / h / "stage.json").exists() else (
-                "checkpoint" if (results / "checkpoints" / h).exists() else "-")
+            state = (
+                "done"
+                if (results / "stages" / h / "stage.json").exists()
+                else ("checkpoint" if (results / "checkpoints" / h).exists() else "-")
+            )
             print(f"    {node.name:<24} {results}/stages/{h}  seed {node.seed}  {state}")
     print(f"{len(runs)} runs, {len(stages)} distinct stages")
 

@@ -49,14 +49,3 @@ def stable_hash(obj: Any, length: int = 12) -> str:
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
 
-
-def hash_files(paths: list[str | os.PathLike], length: int = 12) -> str:
-    """Hash the bytes of files (directories are walked in sorted order)."""
-    h = hashlib.sha256()
-    for p in paths:
-        p = Path(p)
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-        for f in files:
-            h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:length]

@@ -3,7 +3,6 @@
 from vlalign.train.plan import plan, run_eval_settings
 
 STAGES, RUNS = plan(config)
-FEATURE_KEYS = sorted({n.feature_key: n.dataset for n in STAGES.values() if n.feature_key})
 FEATURE_DATASET = {n.feature_key: n.dataset for n in STAGES.values() if n.feature_key}
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
 from vlalign.io_utils import atomic_path
@@ -276,11 +276,9 @@ class VisionLanguageModel(nn.Module):
         if unknown:
             raise TypeError(f"unknown from_pretrained overrides: {sorted(unknown)}")
         meta.update(overrides)
-        load_kw: dict[str, Any] = {"attn_implementation": attn_implementation}
-        if dtype is not None:
-            load_kw["dtype"] = dtype
-        vision = AutoModel.from_pretrained(directory / "vision", **load_kw)
-        lm = AutoModelForCausalLM.from_pretrained(directory / "lm", **load_kw)
+        vision, lm = _load_backbones(
+            directory / "vision", directory / "lm", attn_implementation, dtype
+        )
         projector = load_projector(directory / "projector")
         if dtype is not None:
             projector = projector.to(dtype)
@@ -308,11 +306,7 @@ class VisionLanguageModel(nn.Module):
     ) -> VisionLanguageModel:
         """Load the two backbones (``save_pretrained`` dirs or hub ids) and build a fresh
         projector ``vision hidden_size → lm hidden_size``."""
-        load_kw: dict[str, Any] = {"attn_implementation": attn_implementation}
-        if dtype is not None:
-            load_kw["dtype"] = dtype
-        vision = AutoModel.from_pretrained(vision_path, **load_kw)
-        lm = AutoModelForCausalLM.from_pretrained(lm_path, **load_kw)
+        vision, lm = _load_backbones(vision_path, lm_path, attn_implementation, dtype)
         d_vision = vision.config.hidden_size
         d_lm = lm.config.get_text_config().hidden_size
         projector = build_projector(projector_kind, d_vision, d_lm, **projector_kwargs)
@@ -326,6 +320,19 @@ class VisionLanguageModel(nn.Module):
             protected_token_ids=protected_token_ids,
             noise_vocab_size=noise_vocab_size,
         )
+
+
+def _load_backbones(
+    vision_path, lm_path, attn_implementation: str, dtype: torch.dtype | None
+) -> tuple[nn.Module, nn.Module]:
+    """Both backbones with the loaders every stage uses (a full SigLIP checkpoint gives its
+    vision tower)."""
+    from vlalign.models.backbones import load_lm, load_vision
+
+    kw: dict[str, Any] = {"attn_implementation": attn_implementation}
+    if dtype is not None:
+        kw["dtype"] = dtype
+    return load_vision(vision_path, **kw), load_lm(lm_path, **kw)
 
 
 def position_ids_from_mask(mask2d: torch.Tensor, prefix_len: int = 0) -> torch.Tensor:

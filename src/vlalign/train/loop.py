@@ -9,6 +9,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -95,7 +96,7 @@ def stage_examples(
     )
 
 
-def epoch_order(n_rows: int, seed: int, epoch: int, subset: list[int]) -> list[int]:
+def epoch_order(seed: int, epoch: int, subset: list[int]) -> list[int]:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return [subset[i] for i in torch.randperm(len(subset), generator=g).tolist()]
 
@@ -334,11 +335,13 @@ def train_stage(
         mininterval=2,
         disable=not accelerator.is_main_process,
     )
+    order_epoch, order = -1, []
     for step in bar:
         t0 = time.perf_counter()
         epoch, pos = divmod(step, steps_per_epoch)
-        train.set_epoch(epoch)
-        order = epoch_order(len(train), seed, epoch, subset)
+        if epoch != order_epoch:  # the order is a function of (seed, epoch): resumable
+            train.set_epoch(epoch)
+            order_epoch, order = epoch, epoch_order(seed, epoch, subset)
         batch_idx = order[pos * global_batch : (pos + 1) * global_batch]
         local = batch_idx[accelerator.process_index :: world]
         micro_batches = [
@@ -357,7 +360,7 @@ def train_stage(
             n = int((batch["labels"] != -100).sum())
             noise_gen = torch.Generator(device="cpu").manual_seed(seed * 7_919 + step * 131 + k)
             last = k == len(micro_batches) - 1
-            ctx = accelerator.no_sync(model) if not last and world > 1 else _nullcontext()
+            ctx = accelerator.no_sync(model) if not last and world > 1 else contextlib.nullcontext()
             with ctx, accelerator.autocast():
                 extra_kw = peft.forward_kwargs(len(batch["input_ids"])) if peft else {}
                 out = model(
@@ -408,9 +411,7 @@ def train_stage(
 
     result: dict[str, Any] = {}
     if accelerator.is_main_process:
-        val = stage_examples(
-            paths, "val", {**settings, "text": settings["text"]}, tokenizer, processor
-        )
+        val = stage_examples(paths, "val", settings, tokenizer, processor)
         result = {
             "name": name,
             "hash": stage_hash,
@@ -450,11 +451,3 @@ def train_stage(
         )
     accelerator.wait_for_everyone()
     return result
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
