@@ -72,7 +72,7 @@ def cmd_backbone(args: argparse.Namespace) -> None:
     seed = p.get("seed", 0)
     if args.kind == "vision":
         data = load_from_disk(args.data[0])
-        model = bb.build_tiny_vision(spec["config"])
+        model = bb.build_tiny_vision(spec["config"], seed=seed)
         processor = bb.make_image_processor(model.config.image_size)
         world = p.get("world", {})
         metrics = bb.pretrain_vision(
@@ -89,7 +89,7 @@ def cmd_backbone(args: argparse.Namespace) -> None:
         from vlalign.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(args.tokenizer)
-        model = bb.build_tiny_lm(spec["config"], tok)
+        model = bb.build_tiny_lm(spec["config"], tok, seed=seed)
         metrics = bb.pretrain_lm(
             model, tok, [load_from_disk(d) for d in args.data], spec["pretrain"], seed=seed
         )

@@ -43,11 +43,17 @@ def default_device() -> torch.device:
 # --------------------------------------------------------------------------------------------
 # Building and loading
 # --------------------------------------------------------------------------------------------
-def build_tiny_vision(cfg: dict[str, Any]) -> SiglipVisionModel:
+def build_tiny_vision(cfg: dict[str, Any], seed: int = 0) -> SiglipVisionModel:
+    """A fresh SigLIP tower; its initial weights are a function of ``seed`` alone."""
+    torch.manual_seed(seed)
     return SiglipVisionModel(SiglipVisionConfig(**cfg))
 
 
-def build_tiny_lm(cfg: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> Qwen2ForCausalLM:
+def build_tiny_lm(
+    cfg: dict[str, Any], tokenizer: PreTrainedTokenizerBase, seed: int = 0
+) -> Qwen2ForCausalLM:
+    """A fresh Qwen2 LM; its initial weights are a function of ``seed`` alone."""
+    torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
