@@ -186,6 +186,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     model = VisionLanguageModel.from_pretrained(stage_dir / "model")
     model.to(default_device())
     peft = load_for_inference(model, stage_dir)
+    # grounding_gap is measured on the text the run's last stage trained on
+    last = (p.get("config", {}).get("stages") or [{}])[-1]
 
     def run_eval(
         out: Path, data: str, dataset: str, variant: str, task: str, rank_samples: int, extra=()
@@ -209,6 +211,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             prefix_cache_fn=peft.prefix_cache_fn(variant) if peft else None,
             extra_records=extra,
             model=model,
+            text_kind=last.get("text"),
+            text_max_length=last.get("max_length", 256),
         )
 
     if len(args.data) != len(p["datasets"]):

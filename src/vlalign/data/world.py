@@ -217,6 +217,37 @@ def _is_corner(row: int, col: int, grid: int) -> bool:
     return row in (0, grid - 1) and col in (0, grid - 1)
 
 
+# --------------------------------------------------------------------------------------------
+# vocabulary accessors (for parsers of the world's language, e.g. vlalign.eval.grounding)
+
+
+def position_phrases(grid: int) -> dict[str, frozenset[tuple[int, int]]]:
+    """Every phrase the world's text uses for a position → the grid cells it can mean.
+
+    Cell names (:func:`position_name`), the annotators' variants (``"upper left"``, ``"middle"``)
+    and ``"corner"`` (any corner: the "looks like ... in the corner" caption).
+    """
+    out: dict[str, set[tuple[int, int]]] = {}
+    for row in range(grid):
+        for col in range(grid):
+            name = position_name(row, col, grid)
+            for phrase in [name, *_position_variants(name)]:
+                out.setdefault(phrase, set()).add((row, col))
+            if _is_corner(row, col, grid):
+                out.setdefault("corner", set()).add((row, col))
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+def number_words() -> list[str]:
+    """The count words of captions and answers; index = the number."""
+    return list(_NUMBER_WORDS)
+
+
+def background_names() -> list[str]:
+    """The background names captions use ("gray", "dark blue"): never an object's colour."""
+    return [d.background for d in _DOMAINS.values()]
+
+
 def _sample_scene(rng: np.random.Generator, dom: _Domain, cfg: dict[str, Any]) -> list[dict]:
     g = cfg["grid"]
     n = int(rng.integers(1, cfg["max_objects"] + 1))

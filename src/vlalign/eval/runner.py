@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from vlalign.data.tokenizer import load_tokenizer, vlm_token_ids
 from vlalign.eval.caption_metrics import score_captions
 from vlalign.eval.effective_rank import rank_curve_record
+from vlalign.eval.grounding import caption_grounding, gap_scores, objects_of
 from vlalign.eval.prompts import caption_prompt, caption_target, decode_text, vqa_prompt
 from vlalign.eval.vqa import vqa_score
 from vlalign.io_utils import atomic_path, write_json_atomic
@@ -299,6 +300,8 @@ def evaluate_run(
     mask_mode: str | None = None,
     extra_records: Iterable[Mapping[str, Any]] = (),
     model: VisionLanguageModel | None = None,
+    text_kind: str | None = None,
+    text_max_length: int = 256,
 ) -> dict[str, Any]:
     """Evaluate the model saved in ``model_dir`` on ``split`` of the dataset in ``data_dir``.
 
@@ -313,6 +316,10 @@ def evaluate_run(
         model: an already loaded model to use instead of loading ``model_dir`` (a prefix-tuned
             model whose prefix lives outside the saved directory); ``model_dir`` is still
             checked.
+        text_kind: the run's training text (recaption | captions | conversations | qa) and
+            ``text_max_length`` its truncation: ``grounding_gap`` is measured on that text
+            (missing when None). Caption predictions also get the attribute / CHAIR metrics
+            of :mod:`vlalign.eval.grounding` where the rows' ``meta`` carries ``objects``.
 
     Returns:
         the ``metrics.json`` object (``schema_version``, ``run``, ``records``, ``missing``).
@@ -366,6 +373,11 @@ def evaluate_run(
         )
         scores.update(cap_scores)
         missing += cap_missing
+        # grounding: pure Python on the predictions just generated
+        scenes = [objects_of(m) for m in ds.select_columns(["meta"])["meta"]]
+        g_scores, g_missing = caption_grounding(preds, scenes, where=f"{dataset}/{split}")
+        scores.update(g_scores)
+        missing += g_missing
     if vqa_items:
         answers = _generate_rows(
             model, processor, ds, [q["index"] for q in vqa_items],
@@ -378,6 +390,13 @@ def evaluate_run(
             for q, a in zip(vqa_items, answers)
         ]
         scores["VQA_acc"] = vqa_score(answers, [q["answers"] for q in vqa_items])
+    gap, gap_missing = gap_scores(
+        model, processor, tok, ds, text_kind, where=f"{dataset}/{split}",
+        max_length=text_max_length, batch_size=batch_size, mask_mode=mask_mode,
+        prefix_cache_fn=prefix_cache_fn,
+    )
+    scores.update(gap)
+    missing += gap_missing
 
     feats = vlm_text_features(
         model, processor, tok, ds, rank_idx, batch_size=batch_size, mask_mode=mask_mode,
