@@ -88,8 +88,13 @@ def test_every_stage_trained_once_and_shared(dag: Dag, cfg: dict) -> None:
     out = dag.stdout
     assert _jobs(out, "train_stage") == len(dag.stages), _tail(out)
     assert _jobs(out, "evaluate") == len(dag.runs), _tail(out)
-    for rule in ("aggregate", "tables", "plots", "reference_rank", "tokenizer"):
+    for rule in ("aggregate", "tables", "plots", "tokenizer"):
         assert _jobs(out, rule) == 1, rule
+    # the pre-trained LM's reference curve on each evaluated dataset; align_s0 (the model
+    # before PEFT) on prefix_lora's dataset
+    evaluated = {d for node in dag.runs.values() for d in node.eval_datasets}
+    assert _jobs(out, "reference_rank") == len(evaluated) == 2
+    assert _jobs(out, "rank_before_peft") == 1
     # one training log per stage hash, and a stage directory for each
     logs = {p.stem for p in (dag.results / "logs" / "train_stage").glob("*.log")}
     assert logs == set(dag.stages)
@@ -131,10 +136,12 @@ def test_run_metrics_contract(dag: Dag) -> None:
         stages = {r["stage"] for r in m["records"] if "@" not in r["stage"]}
         assert stages == {dag.stages[node.stages[-1]].name}, run
         main = {r["metric"]: r["value"] for r in m["records"] if "@" not in r["stage"]}
-        assert set(COCO_METRICS) | {"VQA_acc", "effective_rank_0.9", *STAGE_METRICS} <= set(main)
+        ranks = {"effective_rank_0.9", "effective_rank_text_0.9"}
+        assert set(COCO_METRICS) | {"VQA_acc", *ranks, *STAGE_METRICS} <= set(main)
         for name in COCO_METRICS:
             assert 0.0 <= main[name] <= 1.0 + 1e-9, (run, name)
         assert 0.0 < main["effective_rank_0.9"] <= 1.0
+        assert 0.0 < main["effective_rank_text_0.9"] <= 1.0
         assert main["trainable_params"] > 0 and 0 < main["trainable_pct"] < 100
         for rec in m["records"]:
             assert rec["decoding"]["num_beams"] == 1 and rec["split"] == "test"
@@ -224,8 +231,16 @@ def test_results_db(dag: Dag) -> None:
             len((dag.results / "stages" / h / "train_log.csv").read_text().splitlines()) - 1
             for h in node.stages
         ), run
-    curves = set(query(db, "SELECT DISTINCT run FROM rank_curve")["run"])
-    assert curves == set(dag.runs) | {"_reference_lm"}
+    # rank rows: every run on its dataset (image+text and text positions), the pre-trained LM
+    # on each dataset (text), the model before PEFT on the PEFT runs' dataset
+    rows = query(db, "SELECT run, dataset, positions, coalesce(reference, '') AS reference "
+                     "FROM rank_summary")  # fmt: skip
+    got = set(zip(rows["run"], rows["dataset"], rows["positions"], rows["reference"]))
+    expected = {(r, node.eval_datasets[0], pos, "") for r, node in dag.runs.items()
+                for pos in ("image+text", "text")}  # fmt: skip
+    expected |= {("_reference_lm", d, "text", "pretrained_lm") for d in ("world", "world_target")}
+    expected |= {("align_s0", "world_target", pos, "before_peft") for pos in ("image+text", "text")}
+    assert got == expected
     if spice_missing_reason() is not None:
         assert set(query(db, "SELECT DISTINCT metric FROM missing_metrics")["metric"]) == {"SPICE"}
 

@@ -110,29 +110,45 @@ def _write_metrics(
     return len(records)
 
 
-def _write_curve(results: Path, run: str, n: int, alpha: float) -> None:
+def _curve(n: int, alpha: float) -> dict:
     s = np.arange(1, n + 1, dtype=float) ** -alpha
     cum = np.cumsum(s / s.sum())
     eff = (int(np.searchsorted(cum, 0.9)) + 1) / n
-    _write_json(
-        results / "runs" / run / "rank_curve.json",
-        {
-            "run": run,
-            "k": list(range(1, n + 1)),
-            "cumulative": [float(c) for c in cum],
-            "threshold": 0.9,
-            "effective_rank": eff,
-        },
-    )
+    return {"k": list(range(1, n + 1)), "cumulative": [float(c) for c in cum],
+            "effective_rank": eff}
+
+
+def _write_curve(
+    results: Path,
+    run: str,
+    n: int,
+    alpha: float,
+    dataset: str,
+    where: str = "",
+    reference: str | None = None,
+    text: int | None = 16,
+) -> int:
+    """A rank_curve.json as the evaluation writes it: an n-component image+text curve and a
+    ``text``-component curve of its text rows (``text=None``: a text-only curve, as the reference
+    LM's). ``where``: the sub-directory of the run dir. Returns the rank_curve rows."""
+    obj = {"run": run, "dataset": dataset, "split": "test", "samples": 64, "threshold": 0.9,
+           "positions": "image+text" if text else "text", "reference": reference,
+           **_curve(n, alpha)}
+    if text:
+        obj["text"] = _curve(text, alpha / 2)
+    _write_json(results / "runs" / run / where / "rank_curve.json", obj)
+    return n + (text or 0)
 
 
 def make_results_tree(root: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, int]:
     """A results tree like the pipeline writes: stage chains, seeds, recap vs human captions,
-    PEFT methods with prefix-length variants, rank curves, a reference LM curve and a run still
+    PEFT methods with prefix-length variants, rank curves per dataset (and the model before PEFT
+    on the PEFT runs' dataset), a reference LM curve per dataset and a run still
     in progress. Returns the expected row count per table."""
     results = root / "results"
     rng = np.random.default_rng(0)
-    n = {"runs": 0, "metrics": 0, "missing_metrics": 0, "train_log": 0, "rank_curve": 0}
+    n = {"runs": 0, "metrics": 0, "missing_metrics": 0, "train_log": 0, "rank_curve": 0,
+         "rank_summary": 0}
     steps = {"stage0": 12, "stage1": 10, "prefix": 8, "lora": 9}
 
     def chain_of(stages: list[str], key: dict, start: float, decay: float):
@@ -160,6 +176,13 @@ def make_results_tree(root: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> dict[st
             n["metrics"] += _write_metrics(results, run, "stage1", vals, ["SPICE"])
             n["missing_metrics"] += 1
             n["runs"] += 1
+            n["rank_curve"] += _write_curve(results, run, 80, 0.7 + 0.1 * (data == "human"),
+                                            "world")
+            n["rank_summary"] += 2
+            if data == "recap":  # the model the PEFT runs continue, on their dataset
+                n["rank_curve"] += _write_curve(results, run, 80, 0.75, "world_target",
+                                                "before_peft/world_target", "before_peft")
+                n["rank_summary"] += 2
         # seed 003: PEFT methods and orders, prefix length variants
         # (prefix_lora_p4 / _p16 are the cells of a `grids:` sweep, recorded as run.grid)
         for method, stages, plen in (
@@ -196,12 +219,17 @@ def make_results_tree(root: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> dict[st
             }
             n["metrics"] += _write_metrics(results, run, stages[-1], vals, ["SPICE"])
             n["missing_metrics"] += 1
-            _write_curve(results, run, 64, 0.9 + 0.3 * (method == "lora"))
-            n["rank_curve"] += 64
+            n["rank_curve"] += _write_curve(
+                results, run, 80, 0.9 + 0.3 * (method == "lora"), "world_target"
+            )
+            n["rank_summary"] += 2
             n["runs"] += 1
-    # reference LM: a curve only; a run in progress: run.json only
-    _write_curve(results, "_reference_lm", 64, 0.8)
-    n["rank_curve"] += 64
+    # reference LM: a text-only curve per dataset; a run in progress: run.json only
+    for dataset in ("world", "world_target"):
+        n["rank_curve"] += _write_curve(
+            results, "_reference_lm", 16, 0.8, dataset, dataset, "pretrained_lm", text=None
+        )
+        n["rank_summary"] += 1
     chain = chain_of(["stage0"], {"data": "pending"}, 4.0, 0.2)
     _write_run(results, "pending_s0", 0, chain, {"seed": 0})
     n["runs"] += 1
@@ -220,7 +248,8 @@ def _snapshot(db: Path) -> dict:
     try:
         return {
             t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall()
-            for t in ("runs", "metrics", "missing_metrics", "train_log", "rank_curve")
+            for t in ("runs", "metrics", "missing_metrics", "train_log", "rank_curve",
+                      "rank_summary")
         }
     finally:
         con.close()
@@ -231,7 +260,6 @@ def test_ingest_counts_and_idempotent(tree):
     counts = ingest(results, db)
     for table, n in expected.items():
         assert counts[table] == n, table
-    assert counts["rank_summary"] == expected["rank_curve"] // 64
     first = _snapshot(db)
     assert ingest(results, db) == counts
     assert _snapshot(db) == first
@@ -272,6 +300,31 @@ def test_runs_and_train_log_content(tree):
     assert dec["b"].tolist() == [5]
 
 
+def test_rank_curves_per_dataset_positions_and_reference(tree):
+    results, db, _ = tree
+    ingest(results, db)
+    s = query(db, "SELECT * FROM rank_summary")
+    ref = s[s["run"] == "_reference_lm"]
+    assert sorted(ref["dataset"]) == ["world", "world_target"]
+    assert set(ref["positions"]) == {"text"} and set(ref["reference"]) == {"pretrained_lm"}
+    before = s[s["reference"] == "before_peft"]
+    assert set(before["run"]) == {"recap_s0", "recap_s1"}
+    assert set(before["dataset"]) == {"world_target"}
+    lora = s[s["run"] == "lora_s0"].set_index("positions")
+    assert lora.loc["image+text", "n_components"] == 80 and lora.loc["text", "n_components"] == 16
+    assert lora["dataset"].tolist() == ["world_target"] * 2 and lora["reference"].isna().all()
+    curve = query(db, "SELECT * FROM rank_curve WHERE run = 'recap_s0' AND positions = 'text'")
+    assert sorted(curve.groupby("dataset").size().items()) == [("world", 16), ("world_target", 16)]
+    # a prefix variant's curve (2 samples) is not a row; one curve twice is an error
+    _write_curve(results, "lora_s0", 80, 0.5, "world_target", "variant-noise")
+    assert ingest(results, db)["rank_summary"] == len(s)
+    _write_curve(results, "lora_s0", 80, 0.5, "world_target", "world_target")
+    with pytest.raises(ResultsInputError, match=r"lora_s0/world_target/rank_curve\.json: run "
+                       r"'lora_s0' already has a rank curve of image\+text positions on dataset "
+                       r"'world_target'"):
+        ingest(results, db)
+
+
 def test_deleted_run_disappears(tree):
     results, db, expected = tree
     ingest(results, db)
@@ -288,7 +341,7 @@ def test_schema_version_mismatch(tree):
     con = duckdb.connect(str(db))
     con.execute("UPDATE meta SET schema_version = 99")
     con.close()
-    with pytest.raises(SchemaVersionError, match=r"version is 99.*reads version 1"):
+    with pytest.raises(SchemaVersionError, match=rf"version is 99.*reads version {SCHEMA_VERSION}"):
         connect_readonly(db)
     with pytest.raises(SchemaVersionError):
         query(db, "SELECT 1")

@@ -272,9 +272,22 @@ def test_shipped_declarations(shipped):
     peft = (t / "peft_methods.tex").read_text()
     assert r"prefix\_lora & 0.54 &" in peft and r"lora & 0.50 &" in peft
     assert r"& -- \\" in peft  # SPICE was never computed: "--"
-    eff = pd.read_csv(t / "effective_rank.csv").set_index("model")
-    assert "_reference_lm" in eff.index and 0 < eff.loc["lora", "effective_rank"] < 100
-    assert r"Pre-trained LM &" in (t / "effective_rank.tex").read_text()
+    # effective rank: a dataset column; on each dataset its reference rows first (the
+    # pre-trained LM on the same text, the model before PEFT), then that dataset's runs
+    eff = pd.read_csv(t / "effective_rank.csv")
+    assert list(eff.columns[:3]) == ["dataset", "model", "image+text"] and "text" in eff.columns
+    rows = list(zip(eff["dataset"], eff["model"]))
+    assert rows[:3] == [("world", "_reference_lm"), ("world", "human"), ("world", "recap")]
+    assert rows[3:5] == [("world_target", "_reference_lm"), ("world_target", "recap (before PEFT)")]
+    assert {m for d, m in rows[5:]} >= {"lora", "prefix_lora"}
+    assert all(d == "world_target" for d, _ in rows[3:])
+    eff = eff.set_index(["dataset", "model"])
+    assert 0 < eff.loc[("world_target", "lora"), "image+text"] < 100
+    assert pd.isna(eff.loc[("world", "_reference_lm"), "image+text"])  # text only
+    assert 0 < eff.loc[("world", "_reference_lm"), "text"] < 100
+    tex = (t / "effective_rank.tex").read_text()
+    assert r"World (target) & Pre-trained LM (text only) & -- &" in tex
+    assert r"World (target) & recap (before PEFT) &" in tex
     pl = pd.read_csv(t / "ablation_prefix_length.csv")
     assert sorted(pl["prefix_length"]) == [4, 16]  # the sweep's cells only
     order = (t / "ablation_order.tex").read_text()

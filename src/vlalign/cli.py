@@ -208,6 +208,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             batch_size=ev["batch_size"],
             spice=ev["spice"],
             rank_samples=rank_samples,
+            rank_text_tokens=ev["rank_text_tokens"],
             prefix_cache_fn=peft.prefix_cache_fn(variant) if peft else None,
             extra_records=extra,
             model=model,
@@ -233,8 +234,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         stage_records,
     )
     for data, dataset in list(zip(args.data, p["datasets"]))[1:]:
-        more = run_eval(out_dir / dataset, data, dataset, "normal", ev["task"], 2)
-        metrics["records"] += [r for r in more["records"] if r["metric"] != "effective_rank_0.9"]
+        # its rank curve (cheap: one forward of the rank samples) is that dataset's row
+        more = run_eval(out_dir / dataset, data, dataset, "normal", ev["task"], ev["rank_samples"])
+        metrics["records"] += more["records"]
         metrics["missing"] += [m for m in more["missing"] if m not in metrics["missing"]]
     has_prefix = "prefix" in stage.get("peft", [])
     for variant in [v for v in ev["prefix_variants"] if v != "normal" and has_prefix]:
@@ -248,7 +250,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             rank_samples=2,
         )
         for rec in extra["records"]:  # a stage name of its own keeps tables unambiguous
-            if rec["metric"] == "effective_rank_0.9":
+            if rec["metric"].startswith("effective_rank"):  # 2 samples: not a rank row
                 continue
             rec["stage"] = f"{rec['stage']}@prefix_{variant}"
             rec["decoding"] = {**rec.get("decoding", {}), "prefix_variant": variant}
@@ -284,6 +286,39 @@ def cmd_reference_rank(args: argparse.Namespace) -> None:
         args.out,
         split=ev["split"],
         rank_samples=ev["rank_samples"],
+        batch_size=ev["batch_size"],
+        dataset=args.dataset,
+        text_tokens=ev["rank_text_tokens"],
+    )
+
+
+def cmd_rank(args: argparse.Namespace) -> None:
+    """The rank curve alone of a run's last stage on one dataset (the model before PEFT on the
+    dataset of the PEFT runs that continue it: ``reference: before_peft``)."""
+    from vlalign.eval.runner import rank_curve_of_model
+    from vlalign.models.backbones import default_device
+    from vlalign.models.vlm import VisionLanguageModel
+    from vlalign.peft.stage import load_for_inference
+
+    p, ev = args.params, args.params["eval"]
+    stage_dir = Path(args.stage)
+    model = VisionLanguageModel.from_pretrained(stage_dir / "model")
+    model.to(default_device())
+    peft = load_for_inference(model, stage_dir)
+    rank_curve_of_model(
+        model,
+        args.data,
+        args.tokenizer,
+        args.vision,
+        args.out,
+        run=p["run"],
+        dataset=args.dataset,
+        split=ev["split"],
+        rank_samples=ev["rank_samples"],
+        text_tokens=ev["rank_text_tokens"],
+        batch_size=ev["batch_size"],
+        reference=args.reference,
+        prefix_cache_fn=peft.prefix_cache_fn("normal") if peft else None,
     )
 
 
@@ -394,9 +429,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--params", type=_json, required=True, help='{"eval": {...}}')
     s.add_argument("--lm", required=True)
     s.add_argument("--data", required=True)
+    s.add_argument("--dataset", required=True, help="the data's dataset name")
     s.add_argument("--tokenizer", required=True)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_reference_rank)
+
+    s = sub.add_parser("rank", help="rank curve alone of a run's last stage on one dataset")
+    s.add_argument("--params", type=_json, required=True, help='{"eval": {...}, "run": ...}')
+    s.add_argument("--stage", required=True, help="the run's last stage dir")
+    s.add_argument("--data", required=True)
+    s.add_argument("--dataset", required=True, help="the data's dataset name")
+    s.add_argument("--tokenizer", required=True)
+    s.add_argument("--vision", required=True, help="vision backbone dir (image processor)")
+    s.add_argument("--reference", help="what the curve is a reference for (before_peft)")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_rank)
 
     s = sub.add_parser("plan", help="list runs, their stage hashes and what is done")
     s.add_argument("--configfile", nargs="+", default=["config/config.yaml"])

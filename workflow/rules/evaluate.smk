@@ -64,25 +64,67 @@ rule evaluate:
         " > {log} 2>&1"
 
 
-def reference_dataset():
-    return config["eval"].get("reference_dataset") or next(
-        (r.eval_datasets[0] for r in RUNS.values()), DATASETS[0]
-    )
+def rank_datasets():
+    """Every dataset a run is evaluated on: each gets the pre-trained LM's reference curve."""
+    return sorted({d for r in RUNS.values() for d in r.eval_datasets})
+
+
+def before_peft():
+    """``(run, dataset)`` pairs: a run whose last stage is the one a PEFT run starts from (the
+    model before PEFT, e.g. ``align4_s0``), on a dataset that PEFT run is evaluated on but the
+    run itself is not (there its own evaluation already is that row)."""
+    by_last = {tuple(r.stages): r.name for r in RUNS.values()}
+    pairs = set()
+    for r in RUNS.values():
+        first = next((i for i, h in enumerate(r.stages) if STAGES[h].settings.get("peft")), None)
+        parent = by_last.get(tuple(r.stages[:first])) if first else None
+        if parent is not None:
+            pairs |= {(parent, d) for d in r.eval_datasets if d not in RUNS[parent].eval_datasets}
+    return sorted(pairs)
+
+
+def rank_outputs():
+    return [
+        *[f"{R}/runs/_reference_lm/{d}/rank_curve.json" for d in rank_datasets()],
+        *[f"{R}/runs/{run}/before_peft/{d}/rank_curve.json" for run, d in before_peft()],
+    ]
 
 
 rule reference_rank:
     input:
         lm=f"{R}/backbones/lm",
-        data=lambda w: data_dir(reference_dataset()),
+        data=data_dir("{dataset}"),
         tokenizer=f"{R}/tokenizer",
     output:
-        f"{R}/runs/_reference_lm/rank_curve.json",
+        f"{R}/runs/_reference_lm/{{dataset}}/rank_curve.json",
     params:
         p=lambda w: params_json(eval=config["eval"]),
     log:
-        f"{R}/logs/reference_rank.log",
+        f"{R}/logs/reference_rank/{{dataset}}.log",
     benchmark:
-        f"{R}/benchmarks/reference_rank.tsv"
+        f"{R}/benchmarks/reference_rank/{{dataset}}.tsv"
     shell:
         "{VLALIGN} reference-rank --params {params.p:q} --lm {input.lm} --data {input.data}"
-        " --tokenizer {input.tokenizer} --out {output} > {log} 2>&1"
+        " --dataset {wildcards.dataset} --tokenizer {input.tokenizer} --out {output}"
+        " > {log} 2>&1"
+
+
+# The model before PEFT on its PEFT runs' dataset: the rank curve alone (no generation).
+rule rank_before_peft:
+    input:
+        stage=lambda w: stage_dir(RUNS[w.run].stages[-1]),
+        data=data_dir("{dataset}"),
+        tokenizer=f"{R}/tokenizer",
+        vision=f"{R}/backbones/vision",
+    output:
+        f"{R}/runs/{{run}}/before_peft/{{dataset}}/rank_curve.json",
+    params:
+        p=lambda w: params_json(eval=run_eval_settings(config, RUNS[w.run].spec), run=w.run),
+    log:
+        f"{R}/logs/rank_before_peft/{{run}}/{{dataset}}.log",
+    benchmark:
+        f"{R}/benchmarks/rank_before_peft/{{run}}/{{dataset}}.tsv"
+    shell:
+        "{VLALIGN} rank --params {params.p:q} --stage {input.stage} --data {input.data}"
+        " --dataset {wildcards.dataset} --tokenizer {input.tokenizer} --vision {input.vision}"
+        " --reference before_peft --out {output} > {log} 2>&1"

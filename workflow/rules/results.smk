@@ -9,7 +9,7 @@ def all_run_outputs():
     return [
         *[f"{R}/runs/{run}/metrics.json" for run in RUNS],
         *[f"{R}/runs/{run}/run.json" for run in RUNS],
-        f"{R}/runs/_reference_lm/rank_curve.json",
+        *rank_outputs(),
     ]
 
 

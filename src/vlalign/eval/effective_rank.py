@@ -10,6 +10,12 @@ has; zero singular values are kept). Samples of different length are padded with
 longest M = max_k M_k before averaging, so the curve has M points and the effective rank is
 ``k* / M`` where k* is the first k with cumulative ≥ threshold. Features are not centred
 (the paper does not centre them).
+
+The evaluation (:mod:`vlalign.eval.runner`) feeds matrices of one fixed shape — the image
+positions and a fixed number of text positions per sample — so no padding happens there and
+the curve cannot be dominated by the spread of caption lengths: with variable-length
+``<bos> caption <eos>`` rows (5–25 tokens) and M = the longest caption, the mass sat in the
+first ~10 components for any model and 14 of 16 runs read 8/25 = 32 %.
 """
 
 from __future__ import annotations

@@ -6,9 +6,11 @@ Writes into ``out_dir`` (docs/outputs.md), each file atomically, ``metrics.json`
   ``references``) and/or one line per question (``task: "vqa"``: also ``question`` and
   ``answers``; ``references`` repeats the answers so every line has the same core keys);
 - ``rank_curve.json``: effective-rank curve (SPEC §5a) of the last-layer hidden states at the
-  text positions of ``<bos> reference caption <eos>`` fed with its image, one L×d matrix per
-  sample, ``rank_samples`` samples;
-- ``metrics.json``: pycocoevalcap caption metrics, ``VQA_acc``, ``effective_rank_0.9`` and the
+  image positions and the first ``rank_text_tokens`` text positions of the sample's reference
+  captions (:func:`rank_text_ids`), one fixed-shape (N + T)×d matrix per sample,
+  ``rank_samples`` samples; the curve of the T text rows alone under ``text``;
+- ``metrics.json``: pycocoevalcap caption metrics, ``VQA_acc``, ``effective_rank_0.9``
+  (image + text positions), ``effective_rank_text_0.9`` (text positions) and the
   caller's ``extra_records``; metrics that could not be computed (SPICE without its jars) are
   listed under ``missing``, never recorded as 0.
 """
@@ -31,7 +33,7 @@ from vlalign.data.tokenizer import load_tokenizer, vlm_token_ids
 from vlalign.eval.caption_metrics import score_captions
 from vlalign.eval.effective_rank import rank_curve_record
 from vlalign.eval.grounding import caption_grounding, gap_scores, objects_of
-from vlalign.eval.prompts import caption_prompt, caption_target, decode_text, vqa_prompt
+from vlalign.eval.prompts import caption_prompt, decode_text, encode_text, vqa_prompt
 from vlalign.eval.vqa import vqa_score
 from vlalign.io_utils import atomic_path, write_json_atomic
 from vlalign.models.backbones import load_image_processor, load_lm
@@ -43,6 +45,8 @@ TASKS = ("caption", "vqa", "both")
 REFERENCE_LM_RUN = "_reference_lm"
 RANK_THRESHOLD = 0.9
 RANK_METRIC = f"effective_rank_{RANK_THRESHOLD}"
+RANK_TEXT_METRIC = f"effective_rank_text_{RANK_THRESHOLD}"
+DEFAULT_RANK_TEXT_TOKENS = 32  # text positions per rank sample (eval.rank_text_tokens)
 MODEL_DIR_PARTS = (VLM_CONFIG_NAME, "lm", "vision", "projector")
 
 PathLike = str | os.PathLike
@@ -198,7 +202,7 @@ def _rank_indices(ds: Dataset, rank_samples: int, data_dir: PathLike, split: str
     picked = sorted({int(round(x)) for x in np.linspace(0, n - 1, min(rank_samples, n))})
     caps = ds.select(picked)["captions"]
     for i, c in zip(picked, caps):
-        if not c:
+        if not any(x.strip() for x in c):
             raise EvalInputError(
                 f"{data_dir}: split {split!r}: image {ds[i]['image_id']!r} has no reference "
                 "captions for the rank curve"
@@ -206,56 +210,146 @@ def _rank_indices(ds: Dataset, rank_samples: int, data_dir: PathLike, split: str
     return picked
 
 
+def rank_text_ids(tok, captions: Sequence[str], length: int) -> list[int]:
+    """The fixed-length text of one rank sample: ``<bos>``, then the first ``length - 1`` tokens
+    of the sample's reference captions joined by spaces (the captions repeated when they are
+    shorter). Every sample has exactly ``length`` text positions, no ``<eos>`` and no padding,
+    so the feature matrix has the same shape for every sample and every model."""
+    if length < 1:
+        raise ValueError(f"rank text length must be >= 1, got {length}")
+    caps = [c.strip() for c in captions if c and c.strip()]
+    if not caps:
+        raise EvalInputError("a rank sample needs at least one non-empty reference caption")
+    body: list[int] = []
+    reps = 1
+    while len(body) < length - 1:
+        body = encode_text(tok, " ".join(caps * reps))
+        reps *= 2
+    return [vlm_token_ids(tok)["bos"], *body[: length - 1]]
+
+
 @torch.no_grad()
-def vlm_text_features(
+def vlm_rank_features(
     model: VisionLanguageModel,
     processor,
     tok,
     ds: Dataset,
     indices: Sequence[int],
     *,
+    text_tokens: int = DEFAULT_RANK_TEXT_TOKENS,
     batch_size: int = 16,
     mask_mode: str | None = None,
     prefix_cache_fn: PrefixCacheFn | None = None,
-) -> list[torch.Tensor]:
-    """Last-layer hidden states at the text positions of ``<bos> captions[0] <eos>`` after
-    its image: one ``(L, H)`` float32 CPU tensor per index."""
+) -> tuple[list[torch.Tensor], int]:
+    """Last-layer hidden states at the image positions *and* the ``text_tokens`` text positions
+    of :func:`rank_text_ids` fed after the sample's image (seed 003 §2.3 analyses image and text
+    features): one ``(N + T, H)`` float32 CPU tensor per index, and N. A prefix (PEFT) lives in
+    the cache and is not a row."""
     device = next(model.parameters()).device
-    pad = vlm_token_ids(tok)["pad"]
     feats: list[torch.Tensor] = []
+    n_image = 0
     for rows in tqdm(list(_batches(len(indices), batch_size)), desc="rank features",
                      disable=None):
         sub = ds.select([indices[k] for k in rows])
-        ids, mask = _pad_right([caption_target(tok, c[0])[0] for c in sub["captions"]], pad)
+        ids = torch.tensor([rank_text_ids(tok, c, text_tokens) for c in sub["captions"]])
         out = model(
             input_ids=ids.to(device),
-            attention_mask=mask.to(device),
+            attention_mask=torch.ones_like(ids).to(device),
             pixel_values=_pixels(processor, sub["image"]).to(device),
             mask_mode=mask_mode,
             past_key_values=prefix_cache_fn(len(rows)) if prefix_cache_fn is not None else None,
             output_hidden_states=True,
         )
-        text = out.hidden_states[:, out.num_image_tokens :].float().cpu()
-        feats += [text[b, mask[b].bool()] for b in range(len(rows))]
-    return feats
+        n_image = out.num_image_tokens
+        feats += list(out.hidden_states.float().cpu())
+    return feats, n_image
 
 
 @torch.no_grad()
-def lm_text_features(
-    lm: torch.nn.Module, tok, texts: Sequence[str], *, batch_size: int = 16
+def lm_rank_features(
+    lm: torch.nn.Module,
+    tok,
+    captions: Sequence[Sequence[str]],
+    *,
+    text_tokens: int = DEFAULT_RANK_TEXT_TOKENS,
+    batch_size: int = 16,
 ) -> list[torch.Tensor]:
-    """Last-layer hidden states of ``<bos> text <eos>`` through the LM alone (no image)."""
+    """Last-layer hidden states of the same fixed-length text (:func:`rank_text_ids`) through
+    the LM alone (no image): one ``(T, H)`` matrix per sample."""
     device = next(lm.parameters()).device
-    pad = vlm_token_ids(tok)["pad"]
     feats: list[torch.Tensor] = []
-    for rows in tqdm(list(_batches(len(texts), batch_size)), desc="rank features (LM)",
+    for rows in tqdm(list(_batches(len(captions), batch_size)), desc="rank features (LM)",
                      disable=None):
-        ids, mask = _pad_right([caption_target(tok, texts[k])[0] for k in rows], pad)
-        out = lm(input_ids=ids.to(device), attention_mask=mask.to(device),
+        ids = torch.tensor([rank_text_ids(tok, captions[k], text_tokens) for k in rows])
+        out = lm(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
                  output_hidden_states=True)
-        hidden = out.hidden_states[-1].float().cpu()
-        feats += [hidden[b, mask[b].bool()] for b in range(len(rows))]
+        feats += list(out.hidden_states[-1].float().cpu())
     return feats
+
+
+def rank_record(
+    run: str,
+    feats: Sequence[torch.Tensor],
+    n_image: int,
+    *,
+    dataset: str,
+    split: str,
+    reference: str | None = None,
+) -> dict[str, Any]:
+    """The ``rank_curve.json`` object: the curve of the whole ``(N + T) × H`` matrices
+    (``positions``: ``image+text``, or ``text`` for a text-only model), and, for a model with an
+    image block, the curve of their text rows alone under ``text``."""
+    shapes = {tuple(f.shape) for f in feats}
+    if len(shapes) != 1:
+        raise ValueError(f"rank features must all have one shape, got {sorted(shapes)}")
+    curve = rank_curve_record(run, feats, RANK_THRESHOLD)
+    rows, _ = shapes.pop()
+    curve.update({
+        "dataset": dataset,
+        "split": split,
+        "samples": len(feats),
+        "positions": "image+text" if n_image else "text",
+        "image_tokens": n_image,
+        "text_tokens": rows - n_image,
+        "reference": reference,
+    })
+    if n_image:
+        text = rank_curve_record(run, [f[n_image:] for f in feats], RANK_THRESHOLD)
+        curve["text"] = {k: text[k] for k in ("k", "cumulative", "effective_rank")}
+    return curve
+
+
+def rank_curve_of_model(
+    model: VisionLanguageModel,
+    data_dir: PathLike,
+    tokenizer_dir: PathLike,
+    vision_dir: PathLike,
+    out_path: PathLike,
+    *,
+    run: str,
+    dataset: str,
+    split: str = "test",
+    rank_samples: int = 64,
+    text_tokens: int = DEFAULT_RANK_TEXT_TOKENS,
+    batch_size: int = 16,
+    reference: str | None = None,
+    prefix_cache_fn: PrefixCacheFn | None = None,
+    mask_mode: str | None = None,
+) -> dict[str, Any]:
+    """Only the rank curve of a loaded model on a dataset (e.g. the model before PEFT on its
+    children's dataset, ``reference="before_peft"``), written to ``out_path``; returns it."""
+    ds = load_split(data_dir, split)
+    idx = _rank_indices(ds, rank_samples, data_dir, split)
+    tok = load_tokenizer(tokenizer_dir)
+    model.eval()
+    _check_vocab(model.lm.get_input_embeddings().num_embeddings, tok, run)
+    feats, n_image = vlm_rank_features(
+        model, load_image_processor(vision_dir), tok, ds, idx, text_tokens=text_tokens,
+        batch_size=batch_size, mask_mode=mask_mode, prefix_cache_fn=prefix_cache_fn,
+    )
+    curve = rank_record(run, feats, n_image, dataset=dataset, split=split, reference=reference)
+    write_json_atomic(out_path, curve)
+    return curve
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,6 +390,7 @@ def evaluate_run(
     batch_size: int = 16,
     spice: str = "auto",
     rank_samples: int = 64,
+    rank_text_tokens: int = DEFAULT_RANK_TEXT_TOKENS,
     prefix_cache_fn: PrefixCacheFn | None = None,
     mask_mode: str | None = None,
     extra_records: Iterable[Mapping[str, Any]] = (),
@@ -309,6 +404,8 @@ def evaluate_run(
         vision_dir: directory of the image processor (``load_image_processor``).
         task: "caption" (references = each row's ``captions``), "vqa" (every qa pair of the
             split, ``VQA_acc``) or "both".
+        rank_samples, rank_text_tokens: the effective-rank samples and the text positions of
+            each (:func:`vlm_rank_features`).
         prefix_cache_fn: ``B → fresh prefix cache`` for prefix-tuned models (generation and the
             rank forward both use it). ``mask_mode``: override the model's mask.
         extra_records: ``{"metric", "value"}`` dicts added as records (e.g. ``trainable_params``,
@@ -337,6 +434,8 @@ def evaluate_run(
     cap_ids, cap_refs = _caption_rows(ds, data_dir, split) if task != "vqa" else ([], [])
     vqa_items = _vqa_rows(ds, data_dir, split) if task != "caption" else []
     rank_idx = _rank_indices(ds, rank_samples, data_dir, split)
+    if rank_text_tokens < 1:
+        raise ValueError(f"rank_text_tokens must be >= 1, got {rank_text_tokens}")
 
     processor = load_image_processor(vision_dir)
     if model is None:
@@ -398,13 +497,13 @@ def evaluate_run(
     scores.update(gap)
     missing += gap_missing
 
-    feats = vlm_text_features(
-        model, processor, tok, ds, rank_idx, batch_size=batch_size, mask_mode=mask_mode,
-        prefix_cache_fn=prefix_cache_fn,
+    feats, n_image = vlm_rank_features(
+        model, processor, tok, ds, rank_idx, text_tokens=rank_text_tokens,
+        batch_size=batch_size, mask_mode=mask_mode, prefix_cache_fn=prefix_cache_fn,
     )
-    curve = rank_curve_record(run, feats, RANK_THRESHOLD)
-    curve.update({"dataset": dataset, "split": split, "samples": len(feats)})
+    curve = rank_record(run, feats, n_image, dataset=dataset, split=split)
     scores[RANK_METRIC] = curve["effective_rank"]
+    scores[RANK_TEXT_METRIC] = curve["text"]["effective_rank"]
 
     base = {"run": run, "stage": stage, "dataset": dataset, "split": split}
     records = [{**base, "metric": m, "value": float(v), "decoding": decoding}
@@ -427,9 +526,13 @@ def reference_rank_curve(
     split: str = "test",
     rank_samples: int = 64,
     batch_size: int = 16,
+    *,
+    dataset: str | None = None,
+    text_tokens: int = DEFAULT_RANK_TEXT_TOKENS,
 ) -> dict[str, Any]:
-    """Rank curve of the pre-trained LM alone on the same reference captions (text only), written
-    to ``out_path`` as a ``rank_curve.json`` with run ``_reference_lm``; returns it."""
+    """Rank curve of the pre-trained LM alone on the same fixed-length text of the same rank
+    samples (text positions only: compare it with the runs' ``text`` curves), written to
+    ``out_path`` as a ``rank_curve.json`` with run ``_reference_lm``; returns it."""
     lm_dir = Path(lm_dir)
     if not (lm_dir / "config.json").is_file():
         raise FileNotFoundError(f"LM dir {lm_dir} has no config.json (not a save_pretrained dir)")
@@ -438,10 +541,11 @@ def reference_rank_curve(
     tok = load_tokenizer(tokenizer_dir)
     lm = load_lm(lm_dir).to(_device()).eval()
     _check_vocab(lm.get_input_embeddings().num_embeddings, tok, str(lm_dir))
-    texts = [c[0] for c in ds.select(idx)["captions"]]
-    curve = rank_curve_record(
-        REFERENCE_LM_RUN, lm_text_features(lm, tok, texts, batch_size=batch_size), RANK_THRESHOLD
+    captions = ds.select(idx)["captions"]
+    feats = lm_rank_features(lm, tok, captions, text_tokens=text_tokens, batch_size=batch_size)
+    curve = rank_record(
+        REFERENCE_LM_RUN, feats, 0, dataset=dataset or Path(data_dir).name, split=split,
+        reference="pretrained_lm",
     )
-    curve.update({"split": split, "samples": len(texts)})
     write_json_atomic(out_path, curve)
     return curve

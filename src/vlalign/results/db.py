@@ -22,7 +22,7 @@ from vlalign.io_utils import atomic_path
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: rank curves per (run, dataset, positions)
 # Version of the metrics.json file format this reader understands (docs/outputs.md).
 METRICS_FILE_VERSION = 1
 TRAIN_LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s")
@@ -44,9 +44,11 @@ _DDL = {
         stage_hash VARCHAR, step BIGINT NOT NULL, global_step BIGINT NOT NULL, loss DOUBLE,
         lr DOUBLE, grad_norm DOUBLE, tokens_per_s DOUBLE, samples_per_s DOUBLE)""",
     "rank_curve": """CREATE TABLE rank_curve (
-        run VARCHAR NOT NULL, k INTEGER NOT NULL, cumulative DOUBLE NOT NULL)""",
+        run VARCHAR NOT NULL, dataset VARCHAR, positions VARCHAR NOT NULL, reference VARCHAR,
+        k INTEGER NOT NULL, cumulative DOUBLE NOT NULL)""",
     "rank_summary": """CREATE TABLE rank_summary (
-        run VARCHAR PRIMARY KEY, threshold DOUBLE, effective_rank DOUBLE, n_components INTEGER)""",
+        run VARCHAR NOT NULL, dataset VARCHAR, positions VARCHAR NOT NULL, reference VARCHAR,
+        threshold DOUBLE, effective_rank DOUBLE, n_components INTEGER, samples INTEGER)""",
 }
 TABLES = tuple(t for t in _DDL if t != "meta")
 
@@ -181,26 +183,69 @@ def _read_metrics_json(path: Path, run: str) -> tuple[list[dict], list[dict]]:
     return rows, missing
 
 
-def _read_rank_curve(path: Path, run: str) -> tuple[pd.DataFrame, dict]:
-    obj = _load_json(path)
+def _curve_part(obj: dict, path: Path, where: str) -> tuple[list, list, Any]:
     k = _require(obj, "k", path, list)
     cum = _require(obj, "cumulative", path, list)
     if len(k) != len(cum):
-        raise ResultsInputError(f"{path}: 'k' has {len(k)} entries but 'cumulative' {len(cum)}")
+        raise ResultsInputError(
+            f"{path}: {where}'k' has {len(k)} entries but 'cumulative' {len(cum)}"
+        )
     for i, (a, b) in enumerate(zip(k, cum)):
         if not (isinstance(a, int) and not isinstance(a, bool)) or not _is_number(b):
-            raise ResultsInputError(f"{path}: entry {i} (k={a!r}, cumulative={b!r}) not numeric")
-    curve = pd.DataFrame({"run": run, "k": k, "cumulative": [float(c) for c in cum]})
-    summary = {
-        "run": run,
-        "threshold": obj.get("threshold"),
-        "effective_rank": obj.get("effective_rank"),
-        "n_components": max(k) if k else None,
-    }
-    for key in ("threshold", "effective_rank"):
-        if summary[key] is not None and not _is_number(summary[key]):
-            raise ResultsInputError(f"{path}: key {key!r} must be a number")
-    return curve, summary
+            raise ResultsInputError(
+                f"{path}: {where}entry {i} (k={a!r}, cumulative={b!r}) not numeric"
+            )
+    eff = obj.get("effective_rank")
+    if eff is not None and not _is_number(eff):
+        raise ResultsInputError(f"{path}: {where}key 'effective_rank' must be a number")
+    return k, [float(c) for c in cum], eff
+
+
+def _read_rank_curve(path: Path, run: str) -> tuple[list[pd.DataFrame], list[dict]]:
+    """Curve rows and summary rows of one rank_curve.json: its main curve (``positions``:
+    image+text, or text for a text-only model) and, if present, its ``text`` curve."""
+    obj = _load_json(path)
+    if not isinstance(obj, dict):
+        raise ResultsInputError(f"{path}: expected a JSON object")
+    threshold = obj.get("threshold")
+    if threshold is not None and not _is_number(threshold):
+        raise ResultsInputError(f"{path}: key 'threshold' must be a number")
+    dataset, reference = obj.get("dataset"), obj.get("reference")
+    parts = [(obj.get("positions", "image+text"), obj, "")]
+    if obj.get("text") is not None:
+        if not isinstance(obj["text"], dict):
+            raise ResultsInputError(f"{path}: key 'text' must be an object")
+        parts.append(("text", obj["text"], "text."))
+    curves, summaries = [], []
+    for positions, part, where in parts:
+        k, cum, eff = _curve_part(part, path, where)
+        key = {"run": run, "dataset": dataset, "positions": positions, "reference": reference}
+        curves.append(pd.DataFrame({**key, "k": k, "cumulative": cum}))
+        summaries.append(
+            {
+                **key,
+                "threshold": threshold,
+                "effective_rank": eff,
+                "n_components": max(k) if k else None,
+                "samples": obj.get("samples"),
+            }
+        )
+    return curves, summaries
+
+
+def _rank_curve_files(run_dir: Path) -> list[Path]:
+    """A run's rank curves: its own (``rank_curve.json``), one per further evaluated dataset
+    (``<dataset>/rank_curve.json``) and the before-PEFT references
+    (``before_peft/<dataset>/rank_curve.json``); the prefix-variant sub-directories carry none."""
+    files = [run_dir / "rank_curve.json"]
+    for sub in (run_dir, run_dir / "before_peft"):
+        if sub.is_dir():
+            files += sorted(
+                d / "rank_curve.json"
+                for d in sub.iterdir()
+                if d.is_dir() and d.name != "before_peft" and not d.name.startswith("variant-")
+            )
+    return [f for f in files if f.is_file()]
 
 
 def _read_train_log(path: Path) -> pd.DataFrame:
@@ -254,8 +299,8 @@ def _collect(results_dir: Path) -> dict[str, pd.DataFrame]:
     for run_dir in run_dirs:
         run = run_dir.name
         run_json, metrics_json = run_dir / "run.json", run_dir / "metrics.json"
-        curve_json = run_dir / "rank_curve.json"
-        if not (run_json.exists() or metrics_json.exists() or curve_json.exists()):
+        curve_files = _rank_curve_files(run_dir)
+        if not (run_json.exists() or metrics_json.exists() or curve_files):
             log.info("skipping %s: no run.json / metrics.json / rank_curve.json yet", run_dir)
             continue
         if run_json.exists():
@@ -280,10 +325,19 @@ def _collect(results_dir: Path) -> dict[str, pd.DataFrame]:
             recs, missing = _read_metrics_json(metrics_json, run)
             rows["metrics"] += recs
             rows["missing_metrics"] += missing
-        if curve_json.exists():
-            curve, summary = _read_rank_curve(curve_json, run)
-            curve_frames.append(curve)
-            rows["rank_summary"].append(summary)
+        seen: dict[tuple, Path] = {}
+        for curve_json in curve_files:
+            curves, summaries = _read_rank_curve(curve_json, run)
+            for summary in summaries:
+                key = (summary["dataset"], summary["positions"], summary["reference"])
+                if key in seen:
+                    raise ResultsInputError(
+                        f"{curve_json}: run {run!r} already has a rank curve of {key[1]} "
+                        f"positions on dataset {key[0]!r} (in {seen[key]})"
+                    )
+                seen[key] = curve_json
+            curve_frames += curves
+            rows["rank_summary"] += summaries
     frames = {t: pd.DataFrame(r) for t, r in rows.items()}
     frames["train_log"] = pd.concat(train_frames, ignore_index=True) if train_frames else None
     frames["rank_curve"] = pd.concat(curve_frames, ignore_index=True) if curve_frames else None

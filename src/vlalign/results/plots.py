@@ -46,9 +46,9 @@ def _display(name: str) -> str:
     return name.lstrip("_").replace("_", " ") if name.startswith("_") else name
 
 
-def _line(ax, x, mean, std, label: str) -> None:
+def _line(ax, x, mean, std, label: str, **style) -> None:
     """Mean line; a ±std band when several seeds were averaged."""
-    (line,) = ax.plot(x, mean, label=label, linewidth=1.3)
+    (line,) = ax.plot(x, mean, label=label, **{"linewidth": 1.3, **style})
     if std is not None and std.notna().any():
         ax.fill_between(
             x,
@@ -132,37 +132,66 @@ def plot_rank_curves(
 ) -> list[Path]:
     """Cumulative normalised singular-value mass vs. fraction of components (seed 003 Fig. 4).
 
-    The x axis is k / n_components so curves of models with different widths are comparable;
-    the dashed line is the threshold (0.9) that defines the effective rank. Seeds of one model
-    are averaged (±std band) unless ``group_seeds`` is false.
+    One column of panels per dataset, one row per kind of positions (image + text, text alone):
+    each curve sits beside the references on the same dataset (the pre-trained LM, text only;
+    ``<run> (before PEFT)``). The x axis is k / n_components so curves of matrices of different
+    sizes are comparable; the dashed line is the threshold (0.9) that defines the effective rank.
+    Seeds of one model are averaged (±std band) unless ``group_seeds`` is false.
     """
     where = f"WHERE c.run IN ({', '.join(map(_sql_str, runs))})" if runs else ""
     df = query(
         db_path,
-        "SELECT c.run, c.k, c.cumulative, s.threshold, s.effective_rank, s.n_components "
-        f"FROM rank_curve c JOIN rank_summary s USING (run) {where} ORDER BY c.run, c.k",
+        "SELECT c.run, coalesce(c.dataset, '?') AS dataset, c.positions, c.k, c.cumulative, "
+        "c.reference, s.threshold, s.effective_rank, s.n_components "
+        "FROM rank_curve c JOIN rank_summary s ON c.run = s.run "
+        "AND c.dataset IS NOT DISTINCT FROM s.dataset AND c.positions = s.positions "
+        "AND c.reference IS NOT DISTINCT FROM s.reference "
+        f"{where} ORDER BY c.run, c.k",
     )
     if df.empty:
         log.warning("%s: no rank curves; skipping plot %s", db_path, name)
         return []
     df["x"] = df["k"] / df["n_components"]
-    df["line"] = df["run"].map(_model) if group_seeds else df["run"]
-    fig = Figure(figsize=(5.0, 3.8), layout="constrained")
-    ax = fig.subplots()
-    for line, g in df.groupby("line", sort=True):
-        agg = g.groupby("x")["cumulative"].agg(["mean", "std"]).reset_index()
-        eff = g.drop_duplicates("run")["effective_rank"].mean()
-        label = _display(line) + ("" if pd.isna(eff) else f" ({100 * eff:.1f} %)")
-        _line(ax, agg["x"], agg["mean"], agg["std"], label)
-    thresholds = df["threshold"].dropna().unique()
-    for t in thresholds:
-        ax.axhline(t, color="grey", linestyle="--", linewidth=1)
-    ax.set_xlabel("fraction of components k / n")
-    ax.set_ylabel("cumulative singular-value mass")
-    ax.set_ylim(0, 1.02)
-    ax.set_xlim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, title="model (effective rank)", title_fontsize=7)
+    base = df["run"].map(_model) if group_seeds else df["run"]
+    df["line"] = base + df["reference"].map(
+        lambda r: " (before PEFT)" if r == "before_peft" else ""
+    )
+    # one colour per model in every panel; the references drawn first, in black / grey
+    refs = {"_reference_lm": {"color": "black", "linestyle": "--"}}
+    refs |= {
+        line: {"color": "dimgrey", "linestyle": "-."}
+        for line in df.loc[df["reference"] == "before_peft", "line"].unique()
+    }
+    others = sorted(set(df["line"]) - set(refs))
+    styles = {**refs, **{line: {"color": f"C{i % 10}"} for i, line in enumerate(others)}}
+    order = {line: i for i, line in enumerate([*refs, *others])}
+    datasets = sorted(df["dataset"].unique())
+    kinds = [p for p in ("image+text", "text") if p in set(df["positions"])]
+    fig = Figure(figsize=(4.2 * len(datasets), 3.4 * len(kinds)), layout="constrained")
+    axes = fig.subplots(len(kinds), len(datasets), squeeze=False)
+    for i, kind in enumerate(kinds):
+        for j, dataset in enumerate(datasets):
+            ax = axes[i][j]
+            sub = df[(df["dataset"] == dataset) & (df["positions"] == kind)]
+            for line in sorted(sub["line"].unique(), key=order.get):
+                g = sub[sub["line"] == line]
+                agg = g.groupby("x")["cumulative"].agg(["mean", "std"]).reset_index()
+                eff = g.drop_duplicates("run")["effective_rank"].mean()
+                name_ = "pre-trained LM (text only)" if line == "_reference_lm" else line
+                label = _display(name_) + ("" if pd.isna(eff) else f" ({100 * eff:.1f} %)")
+                _line(ax, agg["x"], agg["mean"], agg["std"], label, **styles[line])
+            for t in sub["threshold"].dropna().unique():
+                ax.axhline(t, color="grey", linestyle="--", linewidth=1)
+            ax.set_title(f"{dataset}: {kind} positions", fontsize=9)
+            ax.set_xlabel("fraction of components k / n")
+            ax.set_ylabel("cumulative singular-value mass")
+            ax.set_ylim(0, 1.02)
+            ax.set_xlim(0, 1)
+            ax.grid(alpha=0.3)
+            if sub.empty:
+                ax.text(0.5, 0.5, "no curves", ha="center", va="center", transform=ax.transAxes)
+            else:
+                ax.legend(fontsize=6, title="model (effective rank)", title_fontsize=6)
     return _save(fig, Path(out_dir), name)
 
 

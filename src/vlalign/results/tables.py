@@ -8,6 +8,7 @@ column bold and the second underlined, and writing LaTeX (booktabs), CSV and Mar
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 import re
@@ -293,6 +294,14 @@ def _ordered_key(v: Any, preferred: list[str]) -> tuple:
     return (preferred.index(s), _sort_key(v)) if s in preferred else (len(preferred), _sort_key(v))
 
 
+def _row_order_key(v: Any, patterns: list[str]) -> tuple:
+    """``row_order``: values matching an entry (a name, or a glob such as ``"* (before PEFT)"``)
+    first, in declaration order; the rest in natural order."""
+    s = _key_str(v)
+    hit = next((i for i, p in enumerate(patterns) if s == p or fnmatch.fnmatchcase(s, p)), None)
+    return (len(patterns) if hit is None else hit, _sort_key(v))
+
+
 def _aggregate(
     df: pd.DataFrame, keys: list[str], value: str, seed: str | None, how: str, where: str
 ) -> dict[tuple, tuple[float, float | None, int]]:
@@ -402,10 +411,10 @@ def render_table(db_path: str | Path, spec: TableSpec | dict | str | Path) -> Ta
         + [c for c, _, pos in extra_aggs if pos == "last"]
     )
 
+    # row_order applies at every row level (e.g. rows [dataset, model]: reference models first
+    # within each dataset)
     row_pref = [_key_str(p) for p in spec.row_order]
-    rows = sorted(
-        row_keys, key=lambda k: (_ordered_key(k[0], row_pref),) + tuple(_sort_key(x) for x in k[1:])
-    )
+    rows = sorted(row_keys, key=lambda k: tuple(_row_order_key(x, row_pref) for x in k))
 
     cells: dict[tuple[tuple, int], Cell] = {}
     extra_by_name = {c.key[0]: a for c, a, _ in extra_aggs}
