@@ -209,7 +209,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             spice=ev["spice"],
             rank_samples=rank_samples,
             rank_text_tokens=ev["rank_text_tokens"],
-            prefix_cache_fn=peft.prefix_cache_fn(variant) if peft else None,
+            prefix_cache_fn=peft.prefix_cache_fn(variant, seed=p["seed"]) if peft else None,
             extra_records=extra,
             model=model,
             text_kind=last.get("text"),

@@ -244,7 +244,8 @@ def prefix_variant(
     - ``removed``: ``None`` — run without any prefix (no cache, no extra mask columns).
     - ``noise``: a :class:`FrozenPrefix` whose K and V are i.i.d. Gaussian noise with the same
       mean and std as the trained K (resp. V) *of each layer* (statistics over heads, positions
-      and channels), so the noise has the trained prefix's scale but none of its content.
+      and channels), so the noise has the trained prefix's scale but none of its content. It is
+      drawn from ``generator`` (default: seed 0, never torch's unseeded global generator).
     """
     if mode not in PREFIX_VARIANTS:
         raise ValueError(f"unknown prefix variant {mode!r}; expected one of {PREFIX_VARIANTS}")
@@ -257,6 +258,8 @@ def prefix_variant(
     dims = (2, 3, 4)
     mean = kv.float().mean(dim=dims, keepdim=True)
     std = kv.float().std(dim=dims, keepdim=True)
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
     noise = torch.randn(kv.shape, generator=generator, dtype=torch.float32)
     return FrozenPrefix((mean.cpu() + std.cpu() * noise).to(device=kv.device, dtype=kv.dtype))
 

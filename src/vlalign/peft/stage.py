@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from vlalign.peft.registry import (
@@ -56,12 +57,15 @@ class PeftSession:
     def method(self, name: str) -> PeftMethod | None:
         return next((m for m in self.methods if m.name == name), None)
 
-    def prefix_cache_fn(self, variant: str = "normal") -> Callable | None:
-        """``generate(prefix_cache_fn=...)``; ``variant`` removed / noise (seed 003 Table 5)."""
+    def prefix_cache_fn(self, variant: str = "normal", seed: int = 0) -> Callable | None:
+        """``generate(prefix_cache_fn=...)``; ``variant`` removed / noise (seed 003 Table 5);
+        the noise is drawn from a generator seeded with ``seed`` (the run's seed)."""
         prefix = self.method("prefix")
         if prefix is None:
             return None
-        return prefix.cache_fn if variant == "normal" else prefix.variant_cache_fn(variant)
+        if variant == "normal":
+            return prefix.cache_fn
+        return prefix.variant_cache_fn(variant, generator=torch.Generator().manual_seed(seed))
 
     def count_trainable(self, model: nn.Module) -> tuple[int, float]:
         return count_trainable(model, *[m.module for m in self.methods])
