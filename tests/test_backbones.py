@@ -22,6 +22,7 @@ from vlalign.config import ConfigError
 from vlalign.data.tokenizer import corpus_texts, train_tokenizer
 from vlalign.data.world import generate_world
 from vlalign.models import backbones as bb
+from vlalign.models.scene_context import scene_texts
 
 LM_CFG = {
     "hidden_size": 64,
@@ -137,8 +138,8 @@ def test_lm_pretraining_lowers_heldout_perplexity(lm_run, tok) -> None:
 
 def test_lm_reported_perplexity_is_reproducible(lm_run, tok, world) -> None:
     model, metrics, _ = lm_run
-    texts = list(corpus_texts({"val": world["val"]}))
-    seqs = bb.encode_texts(tok, texts, LM_PRETRAIN["max_length"])[:1024]
+    rows = world["val"].select_columns(["captions", "recaption", "qa", "conversations"])
+    seqs = [t[: LM_PRETRAIN["max_length"]] for row in rows for t in scene_texts(row, tok)][:1024]
     again = bb.lm_perplexity(model, seqs, tok.pad_token_id, batch_size=7)  # batching-invariant
     assert again == pytest.approx(metrics["heldout_perplexity"], rel=1e-3)
 

@@ -70,10 +70,26 @@ def check_references(config: dict[str, Any], source: str = "config") -> None:
     if config.get("lm", {}).get("source") == "tiny":
         for name in config["lm"]["pretrain"]["datasets"]:
             need("lm.pretrain.datasets", name)
+    _check_scene_prefix(config, source)
     if tok.get("source") == "train" and config.get("lm", {}).get("source", "tiny") != "tiny":
         raise ConfigError(
             f"{source}: tokenizer.source 'train' needs lm.source 'tiny'; "
             "a pre-trained LM brings its own tokenizer (tokenizer.source: from_lm)"
+        )
+
+
+def _check_scene_prefix(config: dict[str, Any], source: str) -> None:
+    """The LM's pre-training prefix must have the shape of the image block it will read."""
+    lm, vision = config.get("lm", {}), config.get("vision", {})
+    side = lm.get("pretrain", {}).get("scene_prefix", {}).get("side", 0)
+    if not side or lm.get("source") != "tiny" or vision.get("source") != "tiny":
+        return
+    vc = vision.get("config", {})
+    patches = vc.get("image_size", 224) // vc.get("patch_size", 16)
+    if side != patches:
+        raise ConfigError(
+            f"{source}: lm.pretrain.scene_prefix.side is {side} but the vision tower has "
+            f"{patches}x{patches} patches (vision.config.image_size / patch_size)"
         )
 
 

@@ -13,6 +13,7 @@ caption, ``[<bos>, <inst>, *question, <ans>]`` for a VQA answer.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Mapping, Sequence
 
 from transformers import PreTrainedTokenizerBase
@@ -60,6 +61,21 @@ def caption_target(tok: PreTrainedTokenizerBase, text: str) -> tuple[list[int], 
 def _strip_image(text: str) -> str:
     # LLaVA data marks the image inside the first human turn; ours is prepended as embeddings
     return text.replace(IMAGE, "").strip()
+
+
+def majority_answer(answers: Sequence[str]) -> str:
+    return collections.Counter(answers).most_common(1)[0][0]
+
+
+def qa_turns(qa: Sequence[Mapping]) -> list[dict[str, str]]:
+    """QA pairs as a conversation: each question, then its majority answer (short answers)."""
+    turns: list[dict[str, str]] = []
+    for item in qa:
+        turns += [
+            {"from": "human", "value": item["question"]},
+            {"from": "gpt", "value": majority_answer(item["answers"])},
+        ]
+    return turns
 
 
 def conversation_ids(

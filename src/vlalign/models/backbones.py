@@ -30,8 +30,13 @@ from transformers import (
 )
 
 from vlalign.config import parse_source
-from vlalign.data.tokenizer import corpus_texts
 from vlalign.io_utils import atomic_path, write_json_atomic
+from vlalign.models.scene_context import (
+    SceneContextError,
+    prefixed_batch,
+    scene_bags,
+    scene_texts,
+)
 
 METRICS_FILE = "pretrain_metrics.json"
 
@@ -136,11 +141,6 @@ def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-def lm_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    labels = ids.masked_fill(mask == 0, -100)
-    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
-
-
 @torch.no_grad()
 def lm_perplexity(
     model: nn.Module, seqs: list[list[int]], pad_id: int, batch_size: int = 64
@@ -160,6 +160,63 @@ def lm_perplexity(
     return math.exp(total / max(count, 1))
 
 
+def _scene_rows(dsd: DatasetDict, split: str, tok, max_length: int, side: int) -> list[tuple]:
+    """``(texts, bags)`` per row: its texts in the VLM formats, truncated, and (``side > 0``)
+    its scene prefix bags."""
+    rows = dsd[split].select_columns(["captions", "recaption", "qa", "conversations", "meta"])
+    out = []
+    for i, row in enumerate(rows):
+        texts = [t[:max_length] for t in scene_texts(row, tok)]
+        if not texts:
+            continue
+        try:
+            bags = scene_bags(row["meta"], tok, side) if side else None
+        except SceneContextError as e:
+            raise SceneContextError(
+                f"lm.pretrain.scene_prefix: {split} row {i}: {e}; set scene_prefix.side: 0 "
+                "to pre-train on text alone"
+            ) from None
+        out.append((texts, bags))
+    return out
+
+
+@torch.no_grad()
+def _mean_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
+    total, count = 0.0, 0
+    for b in batches:
+        n = int((b["labels"][:, 1:] != -100).sum())
+        total += model(**b).loss.item() * n
+        count += n
+    return total / max(count, 1)
+
+
+def scene_prefix_metrics(
+    model: nn.Module, rows: list[tuple], pad_id: int, batch_size: int = 64
+) -> dict[str, float]:
+    """Held-out loss of every text behind its own scene prefix, another scene's (rows rolled by
+    one) and none: the proof that the LM reads its context (``scene_prefix_gap`` > 0)."""
+    model.eval()
+    emb = model.get_input_embeddings()
+    pairs = [(i, t) for i, (texts, _) in enumerate(rows) for t in texts]
+    out = {}
+    for name, shift in (("own", 0), ("shuffled", 1), ("none", None)):
+        batches = []
+        for s in range(0, len(pairs), batch_size):
+            chunk = pairs[s : s + batch_size]
+            bags = (
+                None if shift is None
+                else [rows[(i + shift) % len(rows)][1] for i, _ in chunk]
+            )  # fmt: skip
+            batches.append(prefixed_batch(emb, [t for _, t in chunk], pad_id, bags))
+        out[name] = _mean_loss(model, batches)
+    return {
+        "heldout_loss_scene_prefix": out["own"],
+        "heldout_loss_shuffled_prefix": out["shuffled"],
+        "heldout_loss_no_prefix": out["none"],
+        "scene_prefix_gap": out["shuffled"] - out["own"],
+    }
+
+
 def pretrain_lm(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -167,48 +224,57 @@ def pretrain_lm(
     cfg: dict[str, Any],
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Pre-train a causal LM on the world's text; returns held-out metrics."""
+    """Pre-train a causal LM on the world's text in the VLM's formats; a ``scene_prefix.fraction``
+    of the batches put each text behind its scene's soft prefix (:mod:`scene_context`). Returns
+    held-out metrics."""
     torch.manual_seed(seed)
     device = default_device()
     model.to(device).train()
-    train_seqs, val_seqs = [], []
+    sp = cfg.get("scene_prefix") or {}
+    side = int(sp.get("side", 0))
+    train_rows, val_rows = [], []
     for dsd in train:
-        train_seqs += encode_texts(
-            tokenizer, list(corpus_texts({"t": dsd["train"]})), cfg["max_length"]
-        )
-        val_seqs += encode_texts(
-            tokenizer, list(corpus_texts({"v": dsd["val"]})), cfg["max_length"]
-        )
-    if not train_seqs or not val_seqs:
+        train_rows += _scene_rows(dsd, "train", tokenizer, cfg["max_length"], side)
+        val_rows += _scene_rows(dsd, "val", tokenizer, cfg["max_length"], side)
+    if not train_rows or not val_rows:
         raise ValueError("LM pre-training corpus is empty (no texts in the train/val splits)")
+    pad = tokenizer.pad_token_id
+    emb = model.get_input_embeddings()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
     sched = get_cosine_schedule_with_warmup(opt, max(1, cfg["steps"] // 20), cfg["steps"])
     gen = torch.Generator().manual_seed(seed)
     start, losses = time.time(), []
     for _step in tqdm(range(cfg["steps"]), desc="pretrain lm", mininterval=2):
-        idx = torch.randint(len(train_seqs), (cfg["batch_size"],), generator=gen).tolist()
-        ids, mask = (
-            t.to(device) for t in pad_batch([train_seqs[i] for i in idx], tokenizer.pad_token_id)
-        )
-        loss = lm_loss(model, ids, mask)
+        idx = torch.randint(len(train_rows), (cfg["batch_size"],), generator=gen).tolist()
+        pick = torch.randint(1 << 30, (len(idx),), generator=gen).tolist()
+        seqs = [train_rows[i][0][k % len(train_rows[i][0])] for i, k in zip(idx, pick)]
+        with_prefix = side > 0 and torch.rand((), generator=gen).item() < sp.get("fraction", 0.8)
+        bags = [train_rows[i][1] for i in idx] if with_prefix else None
+        batch = prefixed_batch(emb, seqs, pad, bags, sp.get("noise", 0.0), gen)
+        loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
-    ppl = lm_perplexity(model, val_seqs[:1024], tokenizer.pad_token_id)
-    return {
-        "objective": "next-token prediction on captions, recaptions, QA and conversations",
+    val_seqs = [t for texts, _ in val_rows for t in texts][:1024]
+    metrics = {
+        "objective": "next-token prediction on captions, recaptions, QA and conversations"
+        + (", a share behind their scene's soft prefix" if side else ""),
         "steps": cfg["steps"],
         "train_loss_first": losses[0],
         "train_loss_last": sum(losses[-10:]) / len(losses[-10:]),
-        "heldout_perplexity": ppl,
+        "heldout_perplexity": lm_perplexity(model, val_seqs, pad),
         "uniform_perplexity": float(len(tokenizer)),
-        "heldout_texts": len(val_seqs[:1024]),
-        "seconds": time.time() - start,
+        "heldout_texts": len(val_seqs),
         "pretrained_here": True,
     }
+    if side:
+        metrics.update(scene_prefix_metrics(model, val_rows[:256], pad))
+        metrics["scene_prefix"] = {"side": side, **{k: v for k, v in sp.items() if k != "side"}}
+    metrics["seconds"] = time.time() - start
+    return metrics
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,20 +6,15 @@ evaluation can never disagree on them).
 
 from __future__ import annotations
 
-import collections
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from vlalign.eval.prompts import caption_target, conversation_ids
+from vlalign.eval.prompts import caption_target, conversation_ids, qa_turns
 from vlalign.train.features import FeatureCache
 
 TEXT_KINDS = ("recaption", "captions", "conversations", "qa")
-
-
-def majority_answer(answers: list[str]) -> str:
-    return collections.Counter(answers).most_common(1)[0][0]
 
 
 class StageExamples(Dataset):
@@ -84,13 +79,7 @@ class StageExamples(Dataset):
         else:
             if not row["qa"]:
                 raise ValueError(f"{self.name}: image {row['image_id']} has no qa pairs")
-            turns = []
-            for qa in row["qa"]:
-                turns += [
-                    {"from": "human", "value": qa["question"]},
-                    {"from": "gpt", "value": majority_answer(qa["answers"])},
-                ]
-            ids, labels = conversation_ids(self.tok, turns)
+            ids, labels = conversation_ids(self.tok, qa_turns(row["qa"]))
         return ids[: self.max_length], labels[: self.max_length]
 
     def __getitem__(self, i: int) -> dict[str, Any]:

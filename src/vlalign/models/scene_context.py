@@ -1,0 +1,129 @@
+"""Scene context for pre-training the tiny LM: the text of a scene behind a soft prefix.
+
+A frozen LM reads soft image tokens only if it has learned to take content from its context.
+Text-only pre-training on independent captions never teaches that: no caption of a random scene
+is predictable from anything before it, so the LM ignores its context and a projector-only stage
+(seed 002 stage0/1) cannot make it look at the image (docs/grounding.md has the measurements).
+A real LM brings this ability from web-scale text; the tiny one gets it here: a share of its
+pre-training sequences are ``[prefix | <bos> text of the scene <eos>]`` where the prefix holds
+``side × side`` continuous tokens, one per image patch, each the mean input embedding of the
+words that describe the grid cell the patch lies in (size, colour, texture, shape, position; or
+the background). The words, not the image, fill the prefix: the LM never sees a pixel.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from vlalign.data.world import position_name
+from vlalign.eval.prompts import IGNORE_INDEX, caption_target, conversation_ids, qa_turns
+
+
+class SceneContextError(ValueError):
+    """A row cannot give a scene prefix (no objects in its ``meta``)."""
+
+
+def scene_texts(row: dict[str, Any], tok: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Every text of a normalised row in the VLM's own formats (``vlalign.eval.prompts``):
+    recaption and captions as ``<bos> text <eos>``, QA and conversations as turns."""
+    out = [caption_target(tok, c)[0] for c in row["captions"] if c.strip()]
+    if row["recaption"]:
+        out.append(caption_target(tok, row["recaption"])[0])
+    if row["qa"]:
+        out.append(conversation_ids(tok, qa_turns(row["qa"]))[0])
+    if row["conversations"]:
+        out.append(conversation_ids(tok, row["conversations"])[0])
+    return out
+
+
+def _word_ids(tok: PreTrainedTokenizerBase, words: Sequence[str]) -> list[int]:
+    # with a leading space, as the words appear inside a sentence
+    return [i for w in words for i in tok(" " + w, add_special_tokens=False).input_ids]
+
+
+def scene_bags(meta: str, tok: PreTrainedTokenizerBase, side: int) -> list[list[int]]:
+    """Per patch of a ``side × side`` patch grid (row-major): the token ids of the words that
+    describe the scene cell it lies in."""
+    scene = json.loads(meta) if meta else {}
+    if not isinstance(scene.get("objects"), list):
+        raise SceneContextError("row has no scene objects in its meta (synthetic world only)")
+    grid = int(scene.get("grid", 3))
+    cells = {}
+    for o in scene["objects"]:
+        texture = [] if o.get("texture", "plain") == "plain" else [o["texture"]]
+        place = position_name(o["row"], o["col"], grid)
+        words = [o["size"], o["colour"], *texture, o["shape"], place]
+        cells[(o["row"], o["col"])] = _word_ids(tok, words)
+    background = _word_ids(tok, [f"{scene.get('background', 'gray')} background"])
+    return [
+        cells.get((r * grid // side, c * grid // side), background)
+        for r in range(side)
+        for c in range(side)
+    ]
+
+
+def prefix_embeddings(
+    embedding: nn.Embedding,
+    bags: Sequence[Sequence[Sequence[int]]],
+    noise: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``(B, side², H)``: each patch the mean embedding of its bag, plus Gaussian noise of
+    relative norm ``noise`` (a projector never writes exact word embeddings)."""
+    flat = [b for scene in bags for b in scene]
+    width = max(len(b) for b in flat)
+    ids = torch.zeros(len(flat), width, dtype=torch.long)
+    weight = torch.zeros(len(flat), width)
+    for i, b in enumerate(flat):
+        ids[i, : len(b)] = torch.tensor(b)
+        weight[i, : len(b)] = 1.0 / len(b)
+    device = embedding.weight.device
+    vecs = (embedding(ids.to(device)) * weight.to(device)[..., None]).sum(1)
+    if noise > 0:
+        scale = vecs.detach().norm(dim=-1).mean() / math.sqrt(vecs.shape[-1])
+        vecs = vecs + noise * scale * torch.randn(vecs.shape, generator=generator).to(device)
+    return vecs.view(len(bags), -1, vecs.shape[-1])
+
+
+def prefixed_batch(
+    embedding: nn.Embedding,
+    seqs: Sequence[Sequence[int]],
+    pad_id: int,
+    bags: Sequence[Sequence[Sequence[int]]] | None = None,
+    noise: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """LM inputs (``inputs_embeds``, ``attention_mask``, ``position_ids``, ``labels``) of
+    right-padded ``seqs`` behind an optional scene prefix. Labels cover every text token but the
+    leading ``<bos>`` (it is the prompt, as in the VLM); positions count prefix then text, as
+    the VLM's image block then text."""
+    device = embedding.weight.device
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s))
+        mask[i, : len(s)] = 1
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[:, 0] = IGNORE_INDEX
+    embeds = embedding(ids.to(device))
+    if bags is not None:
+        pre = prefix_embeddings(embedding, bags, noise, generator)
+        n = pre.shape[1]
+        embeds = torch.cat([pre, embeds], dim=1)
+        mask = torch.cat([mask.new_ones(len(seqs), n), mask], dim=1)
+        labels = torch.cat([labels.new_full((len(seqs), n), IGNORE_INDEX), labels], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    return {
+        "inputs_embeds": embeds,
+        "attention_mask": mask.to(device),
+        "position_ids": positions.to(device),
+        "labels": labels.to(device),
+    }
