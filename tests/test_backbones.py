@@ -139,8 +139,11 @@ def test_lm_pretraining_lowers_heldout_perplexity(lm_run, tok) -> None:
 def test_lm_reported_perplexity_is_reproducible(lm_run, tok, world) -> None:
     model, metrics, _ = lm_run
     rows = world["val"].select_columns(["captions", "recaption", "qa", "conversations"])
-    seqs = [t[: LM_PRETRAIN["max_length"]] for row in rows for t in scene_texts(row, tok)][:1024]
-    again = bb.lm_perplexity(model, seqs, tok.pad_token_id, batch_size=7)  # batching-invariant
+    n = LM_PRETRAIN["max_length"]
+    texts = [(x[:n], y[:n]) for row in rows for x, y in scene_texts(row, tok)][:1024]
+    again = bb.lm_perplexity(  # batching-invariant
+        model, [x for x, _ in texts], tok.pad_token_id, batch_size=7, labels=[y for _, y in texts]
+    )
     assert again == pytest.approx(metrics["heldout_perplexity"], rel=1e-3)
 
 

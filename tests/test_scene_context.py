@@ -13,6 +13,7 @@ from vlalign.data.world import generate_world, position_name
 from vlalign.eval.prompts import IGNORE_INDEX
 from vlalign.models.scene_context import (
     SceneContextError,
+    bag_tensors,
     prefix_embeddings,
     prefixed_batch,
     scene_bags,
@@ -59,7 +60,7 @@ def test_rows_without_objects_are_refused(tok) -> None:
 
 def test_prefix_is_the_mean_embedding_and_noise_is_seeded(tok) -> None:
     emb = torch.nn.Embedding(len(tok), 16)
-    bags = [[[1, 2], [3]], [[4], [5, 6, 7]]]
+    bags = [bag_tensors([[1, 2], [3]]), bag_tensors([[4], [5, 6, 7]])]
     clean = prefix_embeddings(emb, bags, noise=0.0)
     assert clean.shape == (2, 2, 16)
     assert torch.allclose(clean[1, 1], emb.weight[[5, 6, 7]].mean(0))
@@ -76,18 +77,21 @@ def test_prefixed_batch_layout(world, tok) -> None:
     # captions, recaption, QA and the conversation, each in the VLM's format (leading <bos>)
     assert len(texts) == len(world["train"][0]["captions"]) + 3
     bos = vlm_token_ids(tok)["bos"]
-    assert all(t[0] == bos for t in texts)
+    assert all(x[0] == bos and y[0] == IGNORE_INDEX for x, y in texts)
+    ids, labels = texts[-1]  # a conversation: the loss is on the answers only
+    assert IGNORE_INDEX in labels[1:] and set(labels) - {IGNORE_INDEX}
     seqs = [texts[0], texts[-1]]
-    bags = [scene_bags(world["train"][i]["meta"], tok, 2) for i in (0, 1)]
+    bags = [bag_tensors(scene_bags(world["train"][i]["meta"], tok, 2)) for i in (0, 1)]
     plain = prefixed_batch(emb, seqs, tok.pad_token_id)
     pre = prefixed_batch(emb, seqs, tok.pad_token_id, bags)
-    width = max(map(len, seqs))
+    width = max(len(x) for x, _ in seqs)
     assert plain["inputs_embeds"].shape == (2, width, 8)
     assert pre["inputs_embeds"].shape == (2, 4 + width, 8)
     assert (pre["labels"][:, :5] == IGNORE_INDEX).all()  # prefix and <bos> are never targets
     assert torch.equal(pre["labels"][:, 4:], plain["labels"])
     assert pre["position_ids"][0, :6].tolist() == list(range(6))  # prefix, then text
-    n0 = len(seqs[0])
+    n0 = len(seqs[0][0])
+    assert pre["labels"][0, 4 : 4 + n0].tolist() == list(seqs[0][1])
     assert (pre["attention_mask"][0, 4 + n0 :] == 0).all()  # padding stays masked
 
 

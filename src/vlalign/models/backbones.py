@@ -33,9 +33,11 @@ from vlalign.config import parse_source
 from vlalign.io_utils import atomic_path, write_json_atomic
 from vlalign.models.scene_context import (
     SceneContextError,
+    bag_tensors,
     prefixed_batch,
     scene_bags,
     scene_texts,
+    supervised_loss,
 )
 
 METRICS_FILE = "pretrain_metrics.json"
@@ -143,9 +145,14 @@ def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 @torch.no_grad()
 def lm_perplexity(
-    model: nn.Module, seqs: list[list[int]], pad_id: int, batch_size: int = 64
+    model: nn.Module,
+    seqs: list[list[int]],
+    pad_id: int,
+    batch_size: int = 64,
+    labels: list[list[int]] | None = None,
 ) -> float:
-    """Token-level perplexity (exp of the mean next-token NLL over all predicted tokens)."""
+    """Token-level perplexity (exp of the mean next-token NLL) over every predicted token, or
+    over the supervised ones of ``labels`` (aligned with ``seqs``, -100 = no loss)."""
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
@@ -153,6 +160,9 @@ def lm_perplexity(
         ids, mask = (t.to(device) for t in pad_batch(seqs[i : i + batch_size], pad_id))
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        if labels is not None:
+            lab, _ = pad_batch(labels[i : i + batch_size], -100)
+            target = lab[:, 1:].to(device)
         total += F.cross_entropy(
             logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum"
         ).item()
@@ -166,11 +176,11 @@ def _scene_rows(dsd: DatasetDict, split: str, tok, max_length: int, side: int) -
     rows = dsd[split].select_columns(["captions", "recaption", "qa", "conversations", "meta"])
     out = []
     for i, row in enumerate(rows):
-        texts = [t[:max_length] for t in scene_texts(row, tok)]
+        texts = [(x[:max_length], y[:max_length]) for x, y in scene_texts(row, tok)]
         if not texts:
             continue
         try:
-            bags = scene_bags(row["meta"], tok, side) if side else None
+            bags = bag_tensors(scene_bags(row["meta"], tok, side)) if side else None
         except SceneContextError as e:
             raise SceneContextError(
                 f"lm.pretrain.scene_prefix: {split} row {i}: {e}; set scene_prefix.side: 0 "
@@ -184,8 +194,8 @@ def _scene_rows(dsd: DatasetDict, split: str, tok, max_length: int, side: int) -
 def _mean_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
     total, count = 0.0, 0
     for b in batches:
-        n = int((b["labels"][:, 1:] != -100).sum())
-        total += model(**b).loss.item() * n
+        loss, n = supervised_loss(model, b)
+        total += loss.item() * n
         count += n
     return total / max(count, 1)
 
@@ -251,23 +261,26 @@ def pretrain_lm(
         with_prefix = side > 0 and torch.rand((), generator=gen).item() < sp.get("fraction", 0.8)
         bags = [train_rows[i][1] for i in idx] if with_prefix else None
         batch = prefixed_batch(emb, seqs, pad, bags, sp.get("noise", 0.0), gen)
-        loss = model(**batch).loss
+        loss, _ = supervised_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
-    val_seqs = [t for texts, _ in val_rows for t in texts][:1024]
+    val_texts = [t for texts, _ in val_rows for t in texts][:1024]
     metrics = {
         "objective": "next-token prediction on captions, recaptions, QA and conversations"
         + (", a share behind their scene's soft prefix" if side else ""),
         "steps": cfg["steps"],
         "train_loss_first": losses[0],
         "train_loss_last": sum(losses[-10:]) / len(losses[-10:]),
-        "heldout_perplexity": lm_perplexity(model, val_seqs, pad),
+        # over what the VLM's stages supervise: captions and answers
+        "heldout_perplexity": lm_perplexity(
+            model, [x for x, _ in val_texts], pad, labels=[y for _, y in val_texts]
+        ),
         "uniform_perplexity": float(len(tokenizer)),
-        "heldout_texts": len(val_seqs),
+        "heldout_texts": len(val_texts),
         "pretrained_here": True,
     }
     if side:

@@ -5,10 +5,11 @@ Text-only pre-training on independent captions never teaches that: no caption of
 is predictable from anything before it, so the LM ignores its context and a projector-only stage
 (seed 002 stage0/1) cannot make it look at the image (docs/grounding.md has the measurements).
 A real LM brings this ability from web-scale text; the tiny one gets it here: a share of its
-pre-training sequences are ``[prefix | <bos> text of the scene <eos>]`` where the prefix holds
-``side × side`` continuous tokens, one per image patch, each the mean input embedding of the
-words that describe the grid cell the patch lies in (size, colour, texture, shape, position; or
-the background). The words, not the image, fill the prefix: the LM never sees a pixel.
+pre-training sequences are ``[prefix | a text of the scene]`` (in the VLM's formats) where
+the prefix holds ``side × side`` continuous tokens, one per image patch, each the mean input
+embedding of the words that describe the grid cell the patch lies in (size, colour, texture,
+shape, position; or the background). The words, not the image, fill the prefix: the LM never
+sees a pixel.
 """
 
 from __future__ import annotations
@@ -30,16 +31,19 @@ class SceneContextError(ValueError):
     """A row cannot give a scene prefix (no objects in its ``meta``)."""
 
 
-def scene_texts(row: dict[str, Any], tok: PreTrainedTokenizerBase) -> list[list[int]]:
-    """Every text of a normalised row in the VLM's own formats (``vlalign.eval.prompts``):
-    recaption and captions as ``<bos> text <eos>``, QA and conversations as turns."""
-    out = [caption_target(tok, c)[0] for c in row["captions"] if c.strip()]
+def scene_texts(
+    row: dict[str, Any], tok: PreTrainedTokenizerBase
+) -> list[tuple[list[int], list[int]]]:
+    """``(input_ids, labels)`` of every text of a normalised row in the VLM's own formats
+    (``vlalign.eval.prompts``): recaption and captions as ``<bos> text <eos>``, QA and
+    conversations as turns with the loss on the answers — what the VLM's stages supervise."""
+    out = [caption_target(tok, c) for c in row["captions"] if c.strip()]
     if row["recaption"]:
-        out.append(caption_target(tok, row["recaption"])[0])
+        out.append(caption_target(tok, row["recaption"]))
     if row["qa"]:
-        out.append(conversation_ids(tok, qa_turns(row["qa"]))[0])
+        out.append(conversation_ids(tok, qa_turns(row["qa"])))
     if row["conversations"]:
-        out.append(conversation_ids(tok, row["conversations"])[0])
+        out.append(conversation_ids(tok, row["conversations"]))
     return out
 
 
@@ -69,57 +73,78 @@ def scene_bags(meta: str, tok: PreTrainedTokenizerBase, side: int) -> list[list[
     ]
 
 
+Bags = tuple[torch.Tensor, torch.Tensor]  # token ids and mean weights, (side², width) each
+
+
+def bag_tensors(bags: Sequence[Sequence[int]]) -> Bags:
+    """One scene's bags as padded ``(ids, weights)``, the weights 1/len over each bag: built once
+    per row, so a training step only stacks them."""
+    width = max(len(b) for b in bags)
+    ids = torch.zeros(len(bags), width, dtype=torch.long)
+    weight = torch.zeros(len(bags), width)
+    for i, b in enumerate(bags):
+        ids[i, : len(b)] = torch.tensor(list(b))
+        weight[i, : len(b)] = 1.0 / len(b)
+    return ids, weight
+
+
+def _stack(scenes: Sequence[Bags]) -> Bags:
+    width = max(ids.shape[1] for ids, _ in scenes)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+
+    return (
+        torch.stack([pad(ids) for ids, _ in scenes]),
+        torch.stack([pad(w) for _, w in scenes]),
+    )
+
+
 def prefix_embeddings(
     embedding: nn.Embedding,
-    bags: Sequence[Sequence[Sequence[int]]],
+    scenes: Sequence[Bags],
     noise: float,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """``(B, side², H)``: each patch the mean embedding of its bag, plus Gaussian noise of
     relative norm ``noise`` (a projector never writes exact word embeddings)."""
-    flat = [b for scene in bags for b in scene]
-    width = max(len(b) for b in flat)
-    ids = torch.zeros(len(flat), width, dtype=torch.long)
-    weight = torch.zeros(len(flat), width)
-    for i, b in enumerate(flat):
-        ids[i, : len(b)] = torch.tensor(b)
-        weight[i, : len(b)] = 1.0 / len(b)
+    ids, weight = _stack(scenes)
     device = embedding.weight.device
-    vecs = (embedding(ids.to(device)) * weight.to(device)[..., None]).sum(1)
+    vecs = (embedding(ids.to(device)) * weight.to(device)[..., None]).sum(2)
     if noise > 0:
         scale = vecs.detach().norm(dim=-1).mean() / math.sqrt(vecs.shape[-1])
         vecs = vecs + noise * scale * torch.randn(vecs.shape, generator=generator).to(device)
-    return vecs.view(len(bags), -1, vecs.shape[-1])
+    return vecs
 
 
 def prefixed_batch(
     embedding: nn.Embedding,
-    seqs: Sequence[Sequence[int]],
+    examples: Sequence[tuple[Sequence[int], Sequence[int]]],
     pad_id: int,
-    bags: Sequence[Sequence[Sequence[int]]] | None = None,
+    bags: Sequence[Bags] | None = None,
     noise: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """LM inputs (``inputs_embeds``, ``attention_mask``, ``position_ids``, ``labels``) of
-    right-padded ``seqs`` behind an optional scene prefix. Labels cover every text token but the
-    leading ``<bos>`` (it is the prompt, as in the VLM); positions count prefix then text, as
-    the VLM's image block then text."""
+    right-padded ``(input_ids, labels)`` examples behind an optional scene prefix (one
+    :func:`bag_tensors` per example); positions
+    count prefix then text, as the VLM's image block then text."""
     device = embedding.weight.device
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s))
-        mask[i, : len(s)] = 1
-    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
-    labels[:, 0] = IGNORE_INDEX
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        ids[i, : len(x)] = torch.tensor(list(x))
+        labels[i, : len(y)] = torch.tensor(list(y))
+        mask[i, : len(x)] = 1
     embeds = embedding(ids.to(device))
     if bags is not None:
         pre = prefix_embeddings(embedding, bags, noise, generator)
         n = pre.shape[1]
         embeds = torch.cat([pre, embeds], dim=1)
-        mask = torch.cat([mask.new_ones(len(seqs), n), mask], dim=1)
-        labels = torch.cat([labels.new_full((len(seqs), n), IGNORE_INDEX), labels], dim=1)
+        mask = torch.cat([mask.new_ones(len(examples), n), mask], dim=1)
+        labels = torch.cat([labels.new_full((len(examples), n), IGNORE_INDEX), labels], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     return {
         "inputs_embeds": embeds,
@@ -127,3 +152,16 @@ def prefixed_batch(
         "position_ids": positions.to(device),
         "labels": labels.to(device),
     }
+
+
+def supervised_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Mean next-token loss of a causal LM over the supervised positions of ``batch``, and their
+    count. The head runs on those positions alone: with a small model the vocabulary projection
+    of every prefix and prompt position is most of a step's cost."""
+    labels = batch.pop("labels")
+    hidden = model.get_decoder()(**batch).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = model.get_output_embeddings()(hidden[keep])
+    n = int(keep.sum())
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep]), n
