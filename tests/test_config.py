@@ -66,7 +66,7 @@ def test_defaults_fill_sections_left_out(tmp_path: Path) -> None:
     assert cfg["recipe"] == "default"
     assert cfg["world"]["grid"] == 3 and cfg["world"]["image_size"] == 64
     assert cfg["tokenizer"] == {"source": "train", "vocab_size": 1024, "corpus": ["world"]}
-    assert cfg["vision"]["pretrain"]["dataset"] == "world"
+    assert cfg["vision"]["pretrain"]["datasets"] == ["world"]
     assert cfg["vision"]["pretrain"]["steps"] >= 1
     assert cfg["lm"]["pretrain"]["datasets"] == ["world"]
     assert cfg["datasets"]["world"]["domain"] == "source"
@@ -145,7 +145,7 @@ def test_empty_datasets_rejected() -> None:
     [
         ({"tokenizer": {"corpus": ["world", "no_such_ds"]}}, "tokenizer.corpus"),
         ({"lm": {"pretrain": {"datasets": ["no_such_ds"]}}}, "lm.pretrain.datasets"),
-        ({"vision": {"pretrain": {"dataset": "no_such_ds"}}}, "vision.pretrain.dataset"),
+        ({"vision": {"pretrain": {"datasets": ["no_such_ds"]}}}, "vision.pretrain.datasets"),
     ],
 )
 def test_unknown_dataset_reference_is_named(override: dict, key: str) -> None:

@@ -236,7 +236,7 @@ def test_backbone_pretraining_data_is_part_of_first_stage_identity():
     over = {"runs": {"tgt": {"chain": [{"stage": "stage1", "dataset": "world_target"}]}}}
     s1, r1 = _plan(over)
     # the data the default vision encoder (and LM) are pre-trained on, not world_target
-    pre = load_config(REPO_ROOT / "config" / "config.yaml")["vision"]["pretrain"]["dataset"]
+    pre = load_config(REPO_ROOT / "config" / "config.yaml")["vision"]["pretrain"]["datasets"][0]
     s2, r2 = _plan({**over, "datasets": {pre: {"splits_sizes": {"train": 300}}}})
     n1, n2 = s1[_hashes(r1, "tgt_s0")[0]], s2[_hashes(r2, "tgt_s0")[0]]
     assert n1.hash != n2.hash

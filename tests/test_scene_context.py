@@ -99,7 +99,7 @@ def test_scene_prefix_side_must_match_the_vision_patches() -> None:
     config = {
         "datasets": {"world": {}},
         "vision": {"source": "tiny", "config": {"image_size": 48, "patch_size": 8},
-                   "pretrain": {"dataset": "world"}},  # fmt: skip
+                   "pretrain": {"datasets": ["world"]}},  # fmt: skip
         "lm": {"source": "tiny", "config": {"hidden_size": 8},
                "pretrain": {"datasets": ["world"], "scene_prefix": {"side": 8}}},  # fmt: skip
     }

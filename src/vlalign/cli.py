@@ -71,7 +71,12 @@ def cmd_backbone(args: argparse.Namespace) -> None:
 
     seed = p.get("seed", 0)
     if args.kind == "vision":
-        data = load_from_disk(args.data[0])
+        from datasets import DatasetDict, concatenate_datasets
+
+        parts = [load_from_disk(d) for d in args.data]
+        data = DatasetDict(
+            {s: concatenate_datasets([p[s] for p in parts]) for s in ("train", "val")}
+        )
         model = bb.build_tiny_vision(spec["config"], seed=seed)
         processor = bb.make_image_processor(model.config.image_size)
         world = p.get("world", {})

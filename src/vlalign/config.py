@@ -66,7 +66,8 @@ def check_references(config: dict[str, Any], source: str = "config") -> None:
         for name in tok.get("corpus", []):
             need("tokenizer.corpus", name)
     if config.get("vision", {}).get("source") == "tiny":
-        need("vision.pretrain.dataset", config["vision"]["pretrain"]["dataset"])
+        for name in config["vision"]["pretrain"]["datasets"]:
+            need("vision.pretrain.datasets", name)
     if config.get("lm", {}).get("source") == "tiny":
         for name in config["lm"]["pretrain"]["datasets"]:
             need("lm.pretrain.datasets", name)

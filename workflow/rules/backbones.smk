@@ -6,7 +6,7 @@ def backbone_inputs(wildcards):
     if spec["source"] != "tiny":
         return {}
     if wildcards.kind == "vision":
-        return {"data": [data_dir(spec["pretrain"]["dataset"])]}
+        return {"data": [data_dir(d) for d in spec["pretrain"]["datasets"]]}
     return {
         "data": [data_dir(d) for d in spec["pretrain"]["datasets"]],
         "tokenizer": f"{R}/tokenizer",

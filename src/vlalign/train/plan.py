@@ -74,7 +74,7 @@ def pretraining_data(config: dict[str, Any], kind: str) -> list[dict[str, Any]]:
     names: list[str] = []
     if kind in ("vision", "lm") and config[kind]["source"] == "tiny":
         pre = config[kind]["pretrain"]
-        names = [pre["dataset"]] if kind == "vision" else list(pre["datasets"])
+        names = list(pre["datasets"])
     if kind == "tokenizer" and config["tokenizer"].get("source", "train") == "train":
         names = list(config["tokenizer"].get("corpus", []))
     return [data_identity(config, n) for n in names]
