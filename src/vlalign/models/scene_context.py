@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from vlalign.data.world import position_name
 from vlalign.eval.prompts import IGNORE_INDEX, caption_target, conversation_ids, qa_turns
+from vlalign.models.vlm import position_ids_from_mask
 
 
 class SceneContextError(ValueError):
@@ -145,7 +146,7 @@ def prefixed_batch(
         embeds = torch.cat([pre, embeds], dim=1)
         mask = torch.cat([mask.new_ones(len(examples), n), mask], dim=1)
         labels = torch.cat([labels.new_full((len(examples), n), IGNORE_INDEX), labels], dim=1)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    positions = position_ids_from_mask(mask)
     return {
         "inputs_embeds": embeds,
         "attention_mask": mask.to(device),
