@@ -2,7 +2,7 @@
 
 Default mode: the embedded default's sizes (config/config.yaml: SigLIP 64 px / patch 8, hidden
 128, 2 layers; Qwen2 hidden 128, 2 layers) on a synthetic world of 256 training images, with
-stage1's resolved settings (``vlalign.train.plan.resolve_stage``). Both paths run the real
+stage1's resolved settings (``vlalign.runs.plan.resolve_stage``). Both paths run the real
 ``train_stage`` on the same data and machine, alternating, ``--repeats`` times each; samples/s
 and tokens/s come from its ``train_log.csv`` (median over steps after ``--skip`` warm-up steps,
 and total samples / total step time). The cache's one-off build time and the number of epochs
@@ -44,10 +44,10 @@ from vlalign.data.tokenizer import corpus_texts, load_tokenizer, save_tokenizer,
 from vlalign.data.world import generate_world
 from vlalign.io_utils import write_json_atomic
 from vlalign.models import backbones as bb
+from vlalign.runs.plan import resolve_stage
 from vlalign.train.features import build_feature_cache
 from vlalign.train.loop import StagePaths, train_stage
 from vlalign.train.optim import MODULES
-from vlalign.train.plan import resolve_stage
 
 OUT_DIR = Path(__file__).parent / "out"
 

@@ -20,6 +20,8 @@ from vlalign.config import deep_merge
 from vlalign.data.sources import save_dataset
 from vlalign.data.tokenizer import corpus_texts, load_tokenizer, save_tokenizer, train_tokenizer
 from vlalign.data.world import generate_world
+from vlalign.methods.registry import COMPOSITION_FILE, WEIGHTS_FILE, owner
+from vlalign.methods.stage import PeftSession, peft_hook
 from vlalign.models.backbones import (
     build_tiny_lm,
     build_tiny_vision,
@@ -28,11 +30,9 @@ from vlalign.models.backbones import (
     save_backbone,
 )
 from vlalign.models.vlm import VisionLanguageModel
-from vlalign.peft.registry import COMPOSITION_FILE, WEIGHTS_FILE, owner
-from vlalign.peft.stage import PeftSession, peft_hook
+from vlalign.runs.plan import TRAIN_DEFAULTS
 from vlalign.train.data import collate
 from vlalign.train.loop import StagePaths, stage_examples, train_stage
-from vlalign.train.plan import TRAIN_DEFAULTS
 
 WORLD_CFG = {
     "image_size": 32,
@@ -107,7 +107,7 @@ def stage_settings(
     peft: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Complete stage settings, as ``vlalign.train.plan`` resolves them (defaults + stage)."""
+    """Complete stage settings, as ``vlalign.runs.plan`` resolves them (defaults + stage)."""
     stage = {
         "dataset": dataset,
         "text": text,
@@ -214,7 +214,7 @@ def snapshot(model: nn.Module, session: PeftSession | None) -> Snapshot:
 
 
 class RecordingHook:
-    """The real :func:`vlalign.peft.stage.peft_hook`, plus a record of the model and session it
+    """The real :func:`vlalign.methods.stage.peft_hook`, plus a record of the model and session it
     produced: a snapshot right after attaching, and one (with ``probe`` logits) just before the
     trainer saves the stage — i.e. of the in-memory model as trained."""
 

@@ -23,6 +23,8 @@ from vlalign.data.tokenizer import corpus_texts, train_tokenizer
 from vlalign.data.world import generate_world
 from vlalign.models import backbones as bb
 from vlalign.models.scene_context import scene_texts
+from vlalign.pretrain import lm as plm
+from vlalign.pretrain import vision as pvis
 
 LM_CFG = {
     "hidden_size": 64,
@@ -67,7 +69,7 @@ def tok(world):
 
 def _val_seqs(tok, world) -> list[list[int]]:
     texts = list(corpus_texts({"val": world["val"]}))
-    return bb.encode_texts(tok, texts, LM_PRETRAIN["max_length"])[:512]
+    return plm.encode_texts(tok, texts, LM_PRETRAIN["max_length"])[:512]
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +77,8 @@ def lm_run(world, tok):
     """(model, metrics, untrained held-out perplexity): pre-trained once for the session."""
     torch.manual_seed(0)
     model = bb.build_tiny_lm(LM_CFG, tok)
-    untrained = bb.lm_perplexity(model, _val_seqs(tok, world), tok.pad_token_id)
-    metrics = bb.pretrain_lm(model, tok, [world], LM_PRETRAIN, seed=0)
+    untrained = plm.lm_perplexity(model, _val_seqs(tok, world), tok.pad_token_id)
+    metrics = plm.pretrain_lm(model, tok, [world], LM_PRETRAIN, seed=0)
     return model.eval(), metrics, untrained
 
 
@@ -85,7 +87,7 @@ def vision_run(world):
     torch.manual_seed(0)
     model = bb.build_tiny_vision(VISION_CFG)
     processor = bb.make_image_processor(model.config.image_size)
-    metrics = bb.pretrain_vision(
+    metrics = pvis.pretrain_vision(
         model, processor, world, VISION_PRETRAIN, grid=GRID, max_objects=MAX_OBJECTS, seed=0
     )
     return model.eval(), processor, metrics
@@ -108,11 +110,11 @@ def test_tiny_lm_matches_tokenizer(tok) -> None:
 
 
 def test_encode_texts_frames_and_truncates(tok) -> None:
-    seqs = bb.encode_texts(tok, ["a red circle", "word " * 100], max_length=16)
+    seqs = plm.encode_texts(tok, ["a red circle", "word " * 100], max_length=16)
     for s in seqs:
         assert s[0] == tok.bos_token_id and s[-1] == tok.eos_token_id
     assert len(seqs[1]) == 16
-    ids, mask = bb.pad_batch(seqs, tok.pad_token_id)
+    ids, mask = plm.pad_batch(seqs, tok.pad_token_id)
     assert ids.shape == mask.shape == (2, 16)
     assert int(mask[0].sum()) == len(seqs[0])
     assert (ids[0][mask[0] == 0] == tok.pad_token_id).all()
@@ -141,7 +143,7 @@ def test_lm_reported_perplexity_is_reproducible(lm_run, tok, world) -> None:
     rows = world["val"].select_columns(["captions", "recaption", "qa", "conversations"])
     n = LM_PRETRAIN["max_length"]
     texts = [(x[:n], y[:n]) for row in rows for x, y in scene_texts(row, tok)][:1024]
-    again = bb.lm_perplexity(  # batching-invariant
+    again = plm.lm_perplexity(  # batching-invariant
         model, [x for x, _ in texts], tok.pad_token_id, batch_size=7, labels=[y for _, y in texts]
     )
     assert again == pytest.approx(metrics["heldout_perplexity"], rel=1e-3)
@@ -152,7 +154,7 @@ def test_lm_pretrain_empty_corpus_raises(tok, world, empty_splits) -> None:
     data = {s: world[s].select([]) if s in empty_splits else world[s] for s in ("train", "val")}
     model = bb.build_tiny_lm({**LM_CFG, "num_hidden_layers": 1}, tok)
     with pytest.raises(ValueError, match="empty"):
-        bb.pretrain_lm(model, tok, [data], {**LM_PRETRAIN, "steps": 1})
+        plm.pretrain_lm(model, tok, [data], {**LM_PRETRAIN, "steps": 1})
 
 
 # ------------------------------------------------------------------------------ vision learns

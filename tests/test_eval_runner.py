@@ -11,10 +11,7 @@ import pytest
 import torch
 from datasets import DatasetDict
 
-from vlalign.data.tokenizer import corpus_texts, save_tokenizer, train_tokenizer, vlm_token_ids
-from vlalign.data.world import generate_world
-from vlalign.eval.caption_metrics import spice_missing_reason
-from vlalign.eval.prompts import (
+from vlalign.data.text_formats import (
     IGNORE_INDEX,
     caption_prompt,
     caption_target,
@@ -22,6 +19,9 @@ from vlalign.eval.prompts import (
     decode_text,
     vqa_prompt,
 )
+from vlalign.data.tokenizer import corpus_texts, save_tokenizer, train_tokenizer, vlm_token_ids
+from vlalign.data.world import generate_world
+from vlalign.eval.caption_metrics import spice_missing_reason
 from vlalign.eval.runner import EvalInputError, evaluate_run, reference_rank_curve
 from vlalign.models.backbones import build_tiny_lm, build_tiny_vision, make_image_processor
 from vlalign.models.vlm import VisionLanguageModel

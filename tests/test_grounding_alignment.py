@@ -22,14 +22,16 @@ import torch
 from train_fixtures import TinyAssets, stage_settings, train
 
 from vlalign.data.sources import save_dataset
+from vlalign.data.text_formats import caption_prompt, decode_text
 from vlalign.data.tokenizer import corpus_texts, load_tokenizer, save_tokenizer, train_tokenizer
 from vlalign.data.world import generate_world
 from vlalign.eval.grounding import caption_grounding, derangement, grounding_gap, objects_of
-from vlalign.eval.prompts import caption_prompt, decode_text
 from vlalign.eval.runner import _pixels
 from vlalign.models import backbones as bb
 from vlalign.models.generation import generate
 from vlalign.models.vlm import VisionLanguageModel
+from vlalign.pretrain import lm as plm
+from vlalign.pretrain import vision as pvis
 
 pytestmark = pytest.mark.slow
 
@@ -60,10 +62,10 @@ def assets(tmp_path_factory) -> TinyAssets:
     save_tokenizer(tok, root / "tokenizer")
     vision = bb.build_tiny_vision(VISION_CFG, seed=0)
     processor = bb.make_image_processor(VISION_CFG["image_size"])
-    v_metrics = bb.pretrain_vision(vision, processor, dsd, VISION_PRETRAIN, grid=3,
+    v_metrics = pvis.pretrain_vision(vision, processor, dsd, VISION_PRETRAIN, grid=3,
                                    max_objects=4, seed=0)  # fmt: skip
     lm = bb.build_tiny_lm(LM_CFG, tok, seed=0)
-    lm_metrics = bb.pretrain_lm(lm, tok, [dsd], LM_PRETRAIN, seed=0)
+    lm_metrics = plm.pretrain_lm(lm, tok, [dsd], LM_PRETRAIN, seed=0)
     bb.save_backbone(vision.cpu(), root / "vision", v_metrics, extra=[processor])
     bb.save_backbone(lm.cpu(), root / "lm", lm_metrics, extra=[tok])
     return TinyAssets(root, root / "data", root / "tokenizer", root / "vision", root / "lm")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tiny_configs import lm_config
 from transformers import Qwen2ForCausalLM
 
-from vlalign.peft import (
+from vlalign.methods import (
     PEFT_METHODS,
     FrozenPrefix,
     PrefixEncoder,
@@ -27,7 +27,7 @@ from vlalign.peft import (
     prefix_variant,
     save_methods,
 )
-from vlalign.peft.registry import PeftMethod
+from vlalign.methods.registry import PeftMethod
 
 torch.set_num_threads(1)
 

@@ -26,14 +26,14 @@ from peft_fixtures import (
     train,
 )
 
+from vlalign.data.text_formats import caption_prompt
 from vlalign.data.tokenizer import load_tokenizer, vlm_token_ids
-from vlalign.eval.prompts import caption_prompt
 from vlalign.eval.runner import evaluate_run
+from vlalign.methods.registry import owner
+from vlalign.methods.stage import attach_peft, load_for_inference
 from vlalign.models.backbones import load_image_processor, pixel_tensor
 from vlalign.models.generation import generate
 from vlalign.models.vlm import VisionLanguageModel
-from vlalign.peft.registry import owner
-from vlalign.peft.stage import attach_peft, load_for_inference
 
 PREFIX = {"lr": 5e-2, "num_prefix": 4}
 LORA = {"lr": 5e-2, "r": 4, "alpha": 8, "dropout": 0.0}

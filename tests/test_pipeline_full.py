@@ -26,7 +26,7 @@ from vlalign.config import load_config
 from vlalign.eval.caption_metrics import spice_missing_reason
 from vlalign.eval.grounding import ATTR_METRICS, OBJECT_METRICS
 from vlalign.results.db import query
-from vlalign.train.plan import RunNode, StageNode, plan
+from vlalign.runs.plan import RunNode, StageNode, plan
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The stage DAG (``vlalign.train.plan``): content hashes, shared prefixes, ``after:``, grids,
+"""The stage DAG (``vlalign.runs.plan``): content hashes, shared prefixes, ``after:``, grids,
 stage seeds and frozen-feature keys, on the real default config with small overrides."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from vlalign.config import REPO_ROOT, ConfigError, load_config
-from vlalign.train.plan import StageNode, plan
+from vlalign.runs.plan import StageNode, plan
 
 CONFIG = REPO_ROOT / "config" / "config.yaml"
 

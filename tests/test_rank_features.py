@@ -12,9 +12,9 @@ import torch
 from datasets import DatasetDict
 
 from vlalign.cli import main as cli_main
+from vlalign.data.text_formats import decode_text
 from vlalign.data.tokenizer import corpus_texts, save_tokenizer, train_tokenizer, vlm_token_ids
 from vlalign.data.world import generate_world
-from vlalign.eval.prompts import decode_text
 from vlalign.eval.runner import (
     EvalInputError,
     evaluate_run,

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from vlalign.config import ConfigError, check_references
+from vlalign.data.text_formats import IGNORE_INDEX
 from vlalign.data.tokenizer import corpus_texts, train_tokenizer, vlm_token_ids
 from vlalign.data.world import generate_world, position_name
-from vlalign.eval.prompts import IGNORE_INDEX
 from vlalign.models.scene_context import (
     SceneContextError,
     bag_tensors,

@@ -26,7 +26,7 @@ import torch
 from slurm_fixture import REPO, SlurmCluster, slurm_cluster  # noqa: F401
 
 from vlalign.config import load_yaml, validate_config
-from vlalign.train.plan import plan
+from vlalign.runs.plan import plan
 
 CONFIG = REPO / "tests" / "configs" / "slurm_dag.yaml"
 SLURM_LOGS = REPO / ".snakemake" / "slurm_logs"

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from vlalign.config import deep_merge
-from vlalign.train.plan import TRAIN_DEFAULTS
+from vlalign.runs.plan import TRAIN_DEFAULTS
 
 SPLITS = {"train": 96, "val": 16, "test": 16}
 VISION_CFG = {
@@ -71,6 +71,8 @@ def build_assets(root: Path, pretrain: bool = True) -> TinyAssets:
     from vlalign.data.tokenizer import corpus_texts, save_tokenizer, train_tokenizer
     from vlalign.data.world import generate_world
     from vlalign.models import backbones as bb
+    from vlalign.pretrain import lm as plm
+    from vlalign.pretrain import vision as pvis
 
     torch.manual_seed(0)
     dsd = generate_world(None, domain="source", splits=SPLITS, seed=0)
@@ -83,10 +85,10 @@ def build_assets(root: Path, pretrain: bool = True) -> TinyAssets:
     lm = bb.build_tiny_lm(LM_CFG, tok)
     if pretrain:
         # the LM has to know the text for "stage0+1 beat an untrained projector" to mean much
-        v_metrics = bb.pretrain_vision(
+        v_metrics = pvis.pretrain_vision(
             vision, processor, dsd, VISION_PRETRAIN, grid=3, max_objects=4, seed=0
         )
-        lm_metrics = bb.pretrain_lm(lm, tok, [dsd], LM_PRETRAIN, seed=0)
+        lm_metrics = plm.pretrain_lm(lm, tok, [dsd], LM_PRETRAIN, seed=0)
     else:
         v_metrics = lm_metrics = {"pretrained_here": False}
     bb.save_backbone(vision.cpu(), root / "vision", v_metrics, extra=[processor])
@@ -139,7 +141,7 @@ def train(
     features: Path | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Run ``train_stage`` in-process, as ``vlalign train`` does; → (stage.json dict, out dir)."""
-    from vlalign.peft.stage import peft_hook
+    from vlalign.methods.stage import peft_hook
     from vlalign.train.loop import train_stage
 
     paths = stage_paths(assets, root, name, parent, features)

@@ -61,6 +61,8 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------- backbones
 def cmd_backbone(args: argparse.Namespace) -> None:
     from vlalign.models import backbones as bb
+    from vlalign.pretrain.lm import pretrain_lm
+    from vlalign.pretrain.vision import pretrain_vision
 
     p = args.params
     spec = p[args.kind]
@@ -80,7 +82,7 @@ def cmd_backbone(args: argparse.Namespace) -> None:
         model = bb.build_tiny_vision(spec["config"], seed=seed)
         processor = bb.make_image_processor(model.config.image_size)
         world = p.get("world", {})
-        metrics = bb.pretrain_vision(
+        metrics = pretrain_vision(
             model,
             processor,
             data,
@@ -95,7 +97,7 @@ def cmd_backbone(args: argparse.Namespace) -> None:
 
         tok = load_tokenizer(args.tokenizer)
         model = bb.build_tiny_lm(spec["config"], tok, seed=seed)
-        metrics = bb.pretrain_lm(
+        metrics = pretrain_lm(
             model, tok, [load_from_disk(d) for d in args.data], spec["pretrain"], seed=seed
         )
         bb.save_backbone(model, args.out, metrics, extra=[tok])
@@ -155,7 +157,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         parent=Path(args.parent) if args.parent else None,
         features=Path(args.features) if args.features else None,
     )
-    from vlalign.peft.stage import peft_hook  # parent PEFT methods are re-attached, if any
+    from vlalign.methods.stage import peft_hook  # parent PEFT methods are re-attached, if any
 
     train_stage(
         p["settings"],
@@ -175,10 +177,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     from vlalign.eval.runner import evaluate_run
     from vlalign.io_utils import write_json_atomic
+    from vlalign.methods.stage import load_for_inference
     from vlalign.models.backbones import default_device
     from vlalign.models.vlm import VisionLanguageModel
-    from vlalign.peft.stage import load_for_inference
-    from vlalign.runinfo import device_name, git_commit, package_versions
+    from vlalign.runs.provenance import device_name, git_commit, package_versions
 
     p, ev = args.params, args.params["eval"]
     stage_dir, out_dir = Path(args.stage), Path(args.out_dir)
@@ -301,9 +303,9 @@ def cmd_rank(args: argparse.Namespace) -> None:
     """The rank curve alone of a run's last stage on one dataset (the model before PEFT on the
     dataset of the PEFT runs that continue it: ``reference: before_peft``)."""
     from vlalign.eval.runner import rank_curve_of_model
+    from vlalign.methods.stage import load_for_inference
     from vlalign.models.backbones import default_device
     from vlalign.models.vlm import VisionLanguageModel
-    from vlalign.peft.stage import load_for_inference
 
     p, ev = args.params, args.params["eval"]
     stage_dir = Path(args.stage)
@@ -331,7 +333,7 @@ def cmd_rank(args: argparse.Namespace) -> None:
 def cmd_plan(args: argparse.Namespace) -> None:
     """Print every run of a config: its chain of stage hashes and what exists on disk."""
     from vlalign.config import deep_merge, load_yaml, validate_config
-    from vlalign.train.plan import plan
+    from vlalign.runs.plan import plan
 
     merged: dict = {}  # several files merge in order, as with snakemake --configfile
     for path in args.configfile:

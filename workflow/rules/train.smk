@@ -1,6 +1,6 @@
 # Training: the frozen-feature cache and one job per content-hashed stage (shared prefixes of
 # run chains are trained once).
-from vlalign.train.plan import plan, run_eval_settings
+from vlalign.runs.plan import plan, run_eval_settings
 
 STAGES, RUNS = plan(config)
 FEATURE_DATASET = {n.feature_key: n.dataset for n in STAGES.values() if n.feature_key}

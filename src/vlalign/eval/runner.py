@@ -29,11 +29,11 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
+from vlalign.data.text_formats import caption_prompt, decode_text, encode_text, vqa_prompt
 from vlalign.data.tokenizer import load_tokenizer, vlm_token_ids
 from vlalign.eval.caption_metrics import score_captions
 from vlalign.eval.effective_rank import rank_curve_record
 from vlalign.eval.grounding import caption_grounding, gap_scores, objects_of
-from vlalign.eval.prompts import caption_prompt, decode_text, encode_text, vqa_prompt
 from vlalign.eval.vqa import vqa_score
 from vlalign.io_utils import atomic_path, write_json_atomic
 from vlalign.models.backbones import load_image_processor, load_lm

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from vlalign.data.text_formats import IGNORE_INDEX, caption_target, conversation_ids, qa_turns
 from vlalign.data.world import position_name
-from vlalign.eval.prompts import IGNORE_INDEX, caption_target, conversation_ids, qa_turns
 from vlalign.models.vlm import position_ids_from_mask
 
 
@@ -36,7 +36,7 @@ def scene_texts(
     row: dict[str, Any], tok: PreTrainedTokenizerBase
 ) -> list[tuple[list[int], list[int]]]:
     """``(input_ids, labels)`` of every text of a normalised row in the VLM's own formats
-    (``vlalign.eval.prompts``): recaption and captions as ``<bos> text <eos>``, QA and
+    (``vlalign.data.text_formats``): recaption and captions as ``<bos> text <eos>``, QA and
     conversations as turns with the loss on the answers — what the VLM's stages supervise."""
     out = [caption_target(tok, c) for c in row["captions"] if c.strip()]
     if row["recaption"]:

@@ -1,6 +1,6 @@
 """Stage data: one normalised split → (image, input_ids, labels) examples, and their batches.
 
-Text formats live in ``vlalign.eval.prompts`` (shared with generation, so training and
+Text formats live in ``vlalign.data.text_formats`` (shared with generation, so training and
 evaluation can never disagree on them).
 """
 
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from vlalign.eval.prompts import caption_target, conversation_ids, qa_turns
+from vlalign.data.text_formats import caption_target, conversation_ids, qa_turns
 from vlalign.train.features import FeatureCache
 
 TEXT_KINDS = ("recaption", "captions", "conversations", "qa")

@@ -2,7 +2,7 @@
 
 Stored per split as ``<split>.npy`` (``(n_images, n_tokens, d_vision)``, memory-mapped on read)
 plus ``index.json`` with the image ids in row order. The directory name is the feature key
-(hash of encoder, preprocessing and dataset, see ``vlalign.train.plan.feature_key``), so every
+(hash of encoder, preprocessing and dataset, see ``vlalign.runs.plan.feature_key``), so every
 run that freezes the same encoder on the same data shares one cache.
 """
 

@@ -254,7 +254,7 @@ def train_stage(
     """Train one stage and write ``paths.out`` (model/, train_log.csv, stage.json) atomically.
 
     ``peft_hook(model, settings, parent_dir)`` attaches PEFT methods and returns a
-    ``vlalign.peft.stage.PeftSession`` (or None for a plain stage)."""
+    ``vlalign.methods.stage.PeftSession`` (or None for a plain stage)."""
     model_cfg = model_cfg or {}
     started = datetime.now(UTC).isoformat()
     cuda = torch.cuda.is_available()

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from vlalign.peft import apply_methods, forward_kwargs, get_method
+    from vlalign.methods import apply_methods, forward_kwargs, get_method
 
     prefix, lora = apply_methods(vlm, [("prefix", {"num_prefix": 16}), ("lora", {})])
     lora.set_trainable(False)                       # prefix→LoRA, phase A: prefix only
@@ -14,9 +14,9 @@ A new method is one module with a ``@register("name")`` subclass of :class:`Peft
 imported below.
 """
 
-from vlalign.peft import adapters, full, lora, prefix  # noqa: F401  (registers the methods)
-from vlalign.peft.adapters import Bottleneck, bottleneck_for_budget
-from vlalign.peft.prefix import (
+from vlalign.methods import adapters, full, lora, prefix  # noqa: F401  (registers the methods)
+from vlalign.methods.adapters import Bottleneck, bottleneck_for_budget
+from vlalign.methods.prefix import (
     PREFIX_VARIANTS,
     FrozenPrefix,
     PrefixEncoder,
@@ -26,7 +26,7 @@ from vlalign.peft.prefix import (
     prefix_position_ids,
     prefix_variant,
 )
-from vlalign.peft.registry import (
+from vlalign.methods.registry import (
     PEFT_METHODS,
     PeftMethod,
     apply_methods,

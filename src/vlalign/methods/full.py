@@ -5,7 +5,7 @@ Vision encoder and projector are not touched. With tied embeddings (Qwen2.5-0.5B
 head are one tensor: ``train_embeddings`` and ``train_lm_head`` must then agree.
 Saving writes the trained LM tensors only (everything but the frozen embeddings/head and the
 parameters of other PEFT methods). Key names are taken when ``full`` is applied, so reload a
-composition in the same order (:func:`vlalign.peft.load_methods` does).
+composition in the same order (:func:`vlalign.methods.load_methods` does).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from vlalign.peft.registry import PeftMethod, embedding_parameters, owner, register
+from vlalign.methods.registry import PeftMethod, embedding_parameters, owner, register
 
 
 @register("full")

@@ -22,8 +22,10 @@ PACKAGES = (
 
 
 def git_commit(repo: Path | None = None) -> str:
-    """``<sha>`` or ``<sha>-dirty``; "unknown" outside a git checkout."""
-    repo = repo or Path(__file__).resolve().parents[2]
+    """``<sha>`` or ``<sha>-dirty``; "unknown" outside a git checkout.
+
+    Without ``repo``, git finds the checkout that holds this module."""
+    repo = repo or Path(__file__).resolve().parent
     try:
         sha = subprocess.run(
             ["git", "-C", str(repo), "rev-parse", "HEAD"],

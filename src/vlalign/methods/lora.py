@@ -20,7 +20,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from vlalign.peft.registry import PeftMethod, register
+from vlalign.methods.registry import PeftMethod, register
 
 
 @register("lora")

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from vlalign.peft.registry import PeftMethod, decoder_layers, register, text_config
+from vlalign.methods.registry import PeftMethod, decoder_layers, register, text_config
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 LOCATIONS = ("attn", "mlp")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlalign.peft.registry import (
+from vlalign.methods.registry import (
     PeftMethod,
     count_trainable,
     forward_kwargs,

@@ -57,7 +57,7 @@ def register(name: str) -> Callable[[M], M]:
 
 def get_method(name: str) -> type[PeftMethod]:
     """The registered class for ``name``; ValueError listing the known names otherwise."""
-    import vlalign.peft  # noqa: F401  (the package import registers the built-in methods)
+    import vlalign.methods  # noqa: F401  (the package import registers the built-in methods)
 
     if name not in PEFT_METHODS:
         raise ValueError(f"unknown PEFT method {name!r}; known: {sorted(PEFT_METHODS)}")

@@ -35,7 +35,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from vlalign.io_utils import atomic_path
-from vlalign.peft.registry import PeftMethod, register, tag_parameters, text_config
+from vlalign.methods.registry import PeftMethod, register, tag_parameters, text_config
 
 PREFIX_CONFIG_FILE = "prefix_config.json"
 PREFIX_WEIGHTS_FILE = "prefix.safetensors"
