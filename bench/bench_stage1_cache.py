@@ -71,7 +71,7 @@ BF16_PEAK = [
     ("rtx 3090", 71e12),
 ]
 
-# SigLIP so400m-patch14-224 and Qwen2.5-0.5B (SPEC §2), from their published configs.
+# SigLIP so400m-patch14-224 and Qwen2.5-0.5B, from their published configs.
 PAPER_VISION = {
     "hidden_size": 1152,
     "intermediate_size": 4304,

@@ -1,5 +1,5 @@
-"""Stage attention masks (SPEC §3): mask contents, perturbation behaviour, padding, eager == sdpa,
-KV prefix. Real tiny SigLIP / Qwen2 models built from configs."""
+"""Stage attention masks (seed 002 §3.2): mask contents, perturbation behaviour, padding,
+eager == sdpa, KV prefix. Real tiny SigLIP / Qwen2 models built from configs."""
 
 from __future__ import annotations
 

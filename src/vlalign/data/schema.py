@@ -17,7 +17,7 @@ FEATURES = Features(
         "image": Image(),
         # Short human-style captions (COCO style); may be empty for instruction-only data.
         "captions": List(Value("string")),
-        # One long detailed AI-style caption ("recaption", SPEC §4); "" when the source has none.
+        # One long detailed AI-style caption ("recaption"); "" when the source has none.
         "recaption": Value("string"),
         # Question / answer pairs. ``answers`` holds every annotator answer (VQAv2 soft accuracy).
         "qa": List({"question": Value("string"), "answers": List(Value("string"))}),

@@ -1,4 +1,4 @@
-"""The embedded synthetic image-text world (SPEC §9).
+"""The embedded synthetic image-text world.
 
 Scenes of 1..N coloured shapes on a grid, drawn with PIL so that every attribute (shape, colour,
 size, grid cell, texture) is visible in the pixels. Each scene carries short human-style captions,

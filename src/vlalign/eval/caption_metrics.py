@@ -1,9 +1,9 @@
 """COCO caption metrics with pycocoevalcap, run the way ``COCOEvalCap.evaluate`` runs them.
 
-Pipeline (SPEC §8): lower-case → Stanford PTBTokenizer (Java) with pycocoevalcap's punctuation
-filter → Bleu(4), METEOR 1.5 (Java), ROUGE-L, CIDEr (pycocoevalcap's ``Cider`` is CIDEr-D) and,
-only when the Stanford CoreNLP jars are already installed, SPICE (Java). A metric that cannot be
-computed is returned in ``missing`` and never as 0.
+Pipeline, as the COCO evaluation server scores: lower-case → Stanford PTBTokenizer (Java) with
+pycocoevalcap's punctuation filter → Bleu(4), METEOR 1.5 (Java), ROUGE-L, CIDEr (pycocoevalcap's
+``Cider`` is CIDEr-D) and, only when the Stanford CoreNLP jars are already installed, SPICE
+(Java). A metric that cannot be computed is returned in ``missing`` and never as 0.
 
 Two deliberate deviations from pycocoevalcap's wrappers, neither of which changes a score:
 - the PTB tokenizer is invoked with the same jar, class, flags and punctuation filter as

@@ -1,4 +1,4 @@
-"""Grounding metrics (SPEC §10): does a generated caption describe *its* image?
+"""Grounding metrics: does a generated caption describe *its* image?
 
 Caption metrics cannot tell a model that reads the image from one that writes its language
 prior (a constant caption still scores on a small world). These metrics can:

@@ -5,7 +5,7 @@ Writes into ``out_dir`` (docs/outputs.md), each file atomically, ``metrics.json`
 - ``predictions.jsonl``: one line per image (``task: "caption"``: ``image_id``, ``prediction``,
   ``references``) and/or one line per question (``task: "vqa"``: also ``question`` and
   ``answers``; ``references`` repeats the answers so every line has the same core keys);
-- ``rank_curve.json``: effective-rank curve (SPEC §5a) of the last-layer hidden states at the
+- ``rank_curve.json``: effective-rank curve (seed 003 §2.3) of the last-layer hidden states at the
   image positions and the first ``rank_text_tokens`` text positions of the sample's reference
   captions (:func:`rank_text_ids`), one fixed-shape (N + T)×d matrix per sample,
   ``rank_samples`` samples; the curve of the T text rows alone under ``text``;

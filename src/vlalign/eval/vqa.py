@@ -10,7 +10,7 @@ matching annotator of 10" scores 0.3, three score 0.9 and four or more score 1.0
 
 Differences from the official script, both documented choices:
 - A single-answer set is scored by exact match after normalisation (the leave-one-out rule
-  would always give 0 there). SPEC §8.
+  would always give 0 there).
 - The official script normalises ground-truth answers with ``processPunctuation`` only, because
   the released VQAv2 annotations are already normalised; our datasets may carry raw answers, so
   both prediction and answers go through the full ``normalize_answer``.

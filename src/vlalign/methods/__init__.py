@@ -1,4 +1,4 @@
-"""PEFT methods for PT-PEFT (SPEC §5): prefix-tuning, LoRA, S-/P-Adapter, full fine-tuning.
+"""PEFT methods for PT-PEFT (seed 003): prefix-tuning, LoRA, S-/P-Adapter, full fine-tuning.
 
 Usage::
 

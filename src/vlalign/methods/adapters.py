@@ -7,7 +7,7 @@
 
 ``up`` is zero-initialised, so an adapted model computes exactly the base model at init.
 
-Why our own (notes §4): peft 0.21 has no bottleneck adapters and AdapterHub does not import with
+Why our own: peft 0.21 has no bottleneck adapters and AdapterHub does not import with
 transformers 5. Mechanism: forward hooks on ``layer.self_attn`` / ``layer.mlp`` of every decoder
 layer, with the adapter registered as a child of the hooked module (``mlp.s_adapter.down...``).
 Hooks leave the base model's parameter names untouched (wrapping would rename them and break
@@ -57,7 +57,7 @@ def bottleneck_params(dim: int, bottleneck: int) -> int:
 
 def bottleneck_for_budget(lm: nn.Module, n_params: int, locations: tuple[str, ...]) -> int:
     """Largest bottleneck size whose adapters (one per layer and location) use at most
-    ``n_params`` parameters — to match trainable-parameter counts across methods (SPEC §5)."""
+    ``n_params`` parameters — to match trainable-parameter counts across methods."""
     cfg = text_config(lm)
     n_adapters = cfg.num_hidden_layers * len(locations)
     d = cfg.hidden_size

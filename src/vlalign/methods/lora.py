@@ -3,13 +3,13 @@ dropout 0.05).
 
 Injected into the *LM only* (``vlm.lm``) with ``peft.inject_adapter_in_model``: SigLIP uses the
 same ``q_proj``/``k_proj``/``v_proj`` names, so targeting the whole VLM would adapt the vision
-tower too (notes §3b). The LM stays a plain ``Qwen2ForCausalLM`` (``generate`` unchanged), only
+tower too. The LM stays a plain ``Qwen2ForCausalLM`` (``generate`` unchanged), only
 its attention projections become ``lora.Linear`` wrappers. peft marks everything but the adapters
 as frozen when injecting; we restore the previous ``requires_grad`` flags so that LoRA composes
 with methods applied before it (e.g. ``full``).
 
 The LoRA weights are saved by :meth:`PeftMethod.save` (keys = LM parameter names), independent
-of any prefix (nesting under a peft prefix model lost them, notes §3c).
+of any prefix (nesting under a peft prefix model lost them).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Prefix-tuning with the PT-PEFT prefix encoder (seed 003 §3, App. B.1 Fig. 6, Table 10).
 
-Why our own module and not peft's ``PrefixTuningConfig`` (notes §3): peft rejects 4D masks,
+Why our own module and not peft's ``PrefixTuningConfig``: peft rejects 4D masks,
 cannot ``generate(inputs_embeds=...)``, cannot coexist with LoRA in one PeftModel, and nesting
 loses the LoRA weights on save. Here the prefix is a plain ``nn.Module`` whose forward returns a
 fresh ``DynamicCache`` of P key/value positions per layer; pass it as ``past_key_values`` and give
@@ -266,7 +266,7 @@ def prefix_variant(
 
 def prefix_position_ids(attention_mask: torch.Tensor, num_prefix: int) -> torch.Tensor:
     """``P + cumsum(mask) - 1`` (pads clamped): explicit positions behind a K/V prefix. RoPE is
-    not shift-invariant once un-rotated prefix keys exist (notes §1), so always pass these."""
+    not shift-invariant once un-rotated prefix keys exist, so always pass these."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0) + num_prefix
 
 

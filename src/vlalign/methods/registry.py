@@ -1,4 +1,4 @@
-"""PEFT method registry and the :class:`PeftMethod` base (PT-PEFT, SPEC §5).
+"""PEFT method registry and the :class:`PeftMethod` base (PT-PEFT, seed 003).
 
 A method is a class registered with ``@register("name")``. One instance is attached to one model
 with :meth:`PeftMethod.apply` and then owns exactly its parameters: it lists them for the
@@ -36,7 +36,7 @@ WEIGHTS_FILE = "weights.safetensors"
 COMPOSITION_FILE = "peft_methods.json"
 FORMAT_VERSION = 1
 _OWNER_ATTR = "_vlalign_peft_owner"
-# config keys every method accepts (SPEC §5: embeddings and head frozen by default)
+# config keys every method accepts (embeddings and head frozen by default, as seed 003 trains them)
 COMMON_DEFAULTS: dict[str, Any] = {"train_embeddings": False, "train_lm_head": False}
 
 M = TypeVar("M", bound="type[PeftMethod]")

@@ -1,4 +1,4 @@
-"""Attention masks for ``[image tokens | text tokens]`` sequences (SPEC §3, seed 002 Fig. 3).
+"""Attention masks for ``[image tokens | text tokens]`` sequences (seed 002 §3.2, Fig. 3).
 
 | mode            | image→image | image→text | text→image | text→text |
 |-----------------|-------------|------------|------------|-----------|
@@ -113,7 +113,7 @@ def reference_mask(
     attention_mask_2d: torch.Tensor, is_image: torch.Tensor, mode: str, prefix_len: int = 0
 ) -> torch.Tensor:
     """Plain-tensor bool mask ``(B, 1, L, P + L)`` (True = may attend), written straight from the
-    SPEC table. Used by tests and for inspection; do not pass it to an eager model."""
+    table of seed 002 Fig. 3. Used by tests and for inspection; do not pass it to an eager model."""
     check_mode(mode)
     batch, length = attention_mask_2d.shape
     q = torch.arange(length)[:, None]

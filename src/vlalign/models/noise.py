@@ -1,4 +1,4 @@
-"""Stage0 input-token corruption (SPEC §3; seed 002 §3.4, Algorithm 1 ``add_noise_to_input``).
+"""Stage0 input-token corruption (seed 002 §3.4, Algorithm 1 ``add_noise_to_input``).
 
 What the paper does: with fully bidirectional attention a text position can see the very token it
 must predict, so the model could learn the identity. Algorithm 1 therefore applies

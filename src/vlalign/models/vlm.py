@@ -1,9 +1,9 @@
-"""Vision encoder → projector → decoder LM (SPEC §2), with the stage masks of SPEC §3.
+"""Vision encoder → projector → decoder LM (seed 002 §3.1), with the stage masks of seed 002 §3.2.
 
 Sequence layout: ``[p_1..p_N (projected image tokens) | text tokens (right-padded)]``, optionally
 behind a K/V prefix of P positions held in ``past_key_values`` (prefix tuning). Position ids are
 always explicit, ``P + cumsum(mask) - 1``: RoPE's shift invariance does not hold once an
-un-rotated K/V prefix exists (notes §1, "Padding").
+un-rotated K/V prefix exists.
 """
 
 from __future__ import annotations
