@@ -173,14 +173,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------- evaluation
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """Evaluate a run's last stage; write predictions, metrics, rank curve and run.json."""
-    from datetime import UTC, datetime
-
     from vlalign.eval.runner import evaluate_run
     from vlalign.io_utils import write_json_atomic
     from vlalign.methods.stage import load_for_inference
     from vlalign.models.backbones import default_device
     from vlalign.models.vlm import VisionLanguageModel
-    from vlalign.runs.provenance import device_name, git_commit, package_versions
+    from vlalign.runs.record import write_run_record
 
     p, ev = args.params, args.params["eval"]
     stage_dir, out_dir = Path(args.stage), Path(args.out_dir)
@@ -264,21 +262,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             metrics["records"].append(rec)
     write_json_atomic(out_dir / "metrics.json", metrics)
 
-    write_json_atomic(
-        out_dir / "run.json",
-        {
-            "run": p["run"],
-            "recipe": p["recipe"],
-            "seed": p["seed"],
-            "chain": p["chain"],
-            "config": p["config"],
-            "git_commit": git_commit(),
-            "packages": package_versions(),
-            "start": started or datetime.now(UTC).isoformat(),
-            "end": datetime.now(UTC).isoformat(),
-            "device": device_name(),
-        },
-    )
+    write_run_record(out_dir, p, started)
     log.info("evaluated %s -> %s", p["run"], out_dir)
 
 

@@ -1,43 +1,10 @@
 # Evaluation: every run's last stage → predictions, metrics.json, rank curve, run.json.
+# The run record (run.json's fields) and which extra rank curves exist: vlalign.runs.record.
+from vlalign.runs.record import before_peft, evaluate_params, rank_datasets
 
 
 wildcard_constraints:
     run="|".join(RUNS) or "NO_RUNS",
-
-
-def run_params(wildcards):
-    node = RUNS[wildcards.run]
-    chain = [
-        {"stage": STAGES[h].name, "hash": h, "dir": stage_dir(h)} for h in node.stages
-    ]
-    last = STAGES[node.stages[-1]]
-    resolved = {
-        "run": node.spec,
-        "stages": [STAGES[h].settings for h in node.stages],
-        **{k: config[k] for k in ("model", "vision", "lm", "tokenizer", "eval")},
-    }
-    if last.settings.get("peft"):  # tables select PEFT runs by the presence of $.peft
-        resolved["peft"] = peft_summary([STAGES[h].settings for h in node.stages])
-    return params_json(
-        eval=run_eval_settings(config, node.spec), run=node.name, datasets=node.eval_datasets,
-        chain=chain,
-        config=resolved, recipe=config["recipe"], seed=node.seed,
-    )
-
-
-def peft_summary(chain_settings):
-    """PEFT of a run: the methods in order of first use and the prefix length (tables and
-    plots query ``$.peft.prefix_length`` / ``$.peft.order``)."""
-    order, blocks = [], {}
-    for settings in chain_settings:
-        for name, cfg in (settings.get("peft") or {}).items():
-            if name not in blocks:
-                order.append(name)
-                blocks[name] = dict(cfg)
-    out = {"order": "+".join(order), "methods": order, **blocks}
-    if "prefix" in blocks:
-        out["prefix_length"] = blocks["prefix"].get("num_prefix", 16)
-    return out
 
 
 rule evaluate:
@@ -52,7 +19,7 @@ rule evaluate:
         rank=f"{R}/runs/{{run}}/rank_curve.json",
         info=f"{R}/runs/{{run}}/run.json",
     params:
-        p=run_params,
+        p=lambda w: params_json(**evaluate_params(config, RUNS[w.run], STAGES, stage_dir)),
         out_dir=lambda w: f"{R}/runs/{w.run}",
     log:
         f"{R}/logs/evaluate/{{run}}.log",
@@ -64,29 +31,10 @@ rule evaluate:
         " > {log} 2>&1"
 
 
-def rank_datasets():
-    """Every dataset a run is evaluated on: each gets the pre-trained LM's reference curve."""
-    return sorted({d for r in RUNS.values() for d in r.eval_datasets})
-
-
-def before_peft():
-    """``(run, dataset)`` pairs: a run whose last stage is the one a PEFT run starts from (the
-    model before PEFT, e.g. ``align4_s0``), on a dataset that PEFT run is evaluated on but the
-    run itself is not (there its own evaluation already is that row)."""
-    by_last = {tuple(r.stages): r.name for r in RUNS.values()}
-    pairs = set()
-    for r in RUNS.values():
-        first = next((i for i, h in enumerate(r.stages) if STAGES[h].settings.get("peft")), None)
-        parent = by_last.get(tuple(r.stages[:first])) if first else None
-        if parent is not None:
-            pairs |= {(parent, d) for d in r.eval_datasets if d not in RUNS[parent].eval_datasets}
-    return sorted(pairs)
-
-
 def rank_outputs():
     return [
-        *[f"{R}/runs/_reference_lm/{d}/rank_curve.json" for d in rank_datasets()],
-        *[f"{R}/runs/{run}/before_peft/{d}/rank_curve.json" for run, d in before_peft()],
+        *[f"{R}/runs/_reference_lm/{d}/rank_curve.json" for d in rank_datasets(RUNS)],
+        *[f"{R}/runs/{run}/before_peft/{d}/rank_curve.json" for run, d in before_peft(RUNS, STAGES)],
     ]
 
 
