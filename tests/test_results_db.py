@@ -11,6 +11,7 @@ import duckdb
 import numpy as np
 import pytest
 
+from vlalign.config import load_config
 from vlalign.io_utils import stable_hash
 from vlalign.results.db import (
     SCHEMA_VERSION,
@@ -20,6 +21,18 @@ from vlalign.results.db import (
     ingest,
     query,
 )
+from vlalign.runs.plan import plan
+from vlalign.runs.record import (
+    RECORD_FIELDS,
+    RunRecord,
+    RunRecordError,
+    before_peft,
+    build_record,
+    evaluate_params,
+    write_run_record,
+)
+
+REPO = Path(__file__).resolve().parents[1]
 
 CAPTION_METRICS = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
 
@@ -62,11 +75,20 @@ def _write_run(
     chain: list[tuple[str, str]],
     config: dict,
     recipe: str = "default",
+    grid: str | None = None,
+    method_order: str | None = None,
+    prefix_length: int | None = None,
 ) -> None:
+    """A run.json as the evaluate rule writes it (record_version 2, docs/outputs.md)."""
     _write_json(
         results / "runs" / run / "run.json",
         {
+            "record_version": 2,
             "run": run,
+            "base_run": run.removesuffix(f"_s{seed}"),
+            "grid": grid,
+            "method_order": method_order,
+            "prefix_length": prefix_length,
             "recipe": recipe,
             "seed": seed,
             "chain": [{"stage": s, "hash": h, "dir": f"results/stages/{h}"} for s, h in chain],
@@ -199,9 +221,11 @@ def make_results_tree(root: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> dict[st
             if plen is not None:
                 peft["prefix_length"] = plen
             config = {"seed": seed, "peft": peft}
-            if method.startswith("prefix_lora_p"):
-                config["run"] = {"grid": "plen"}
-            _write_run(results, run, seed, chain, config)
+            grid = "plen" if method.startswith("prefix_lora_p") else None
+            if grid:
+                config["run"] = {"grid": grid}
+            _write_run(results, run, seed, chain, config, grid=grid,
+                       method_order="+".join(stages), prefix_length=plen)
             cider = {
                 "lora": 1.17,
                 "prefix_lora": 1.31,
@@ -367,6 +391,79 @@ def test_readonly_connection_cannot_write(tree):
     assert query(db, "SELECT count(*) AS n FROM runs")["n"][0] > 0
 
 
+def _run_json(results: Path, run: str) -> dict:
+    return json.loads((results / "runs" / run / "run.json").read_text())
+
+
+def test_record_fields_are_the_runs_columns(tree):
+    """One declared list: the record's fields are the first columns of ``runs``, filled from
+    run.json as written; a field missing from a file is an error naming file and key."""
+    results, db, _ = tree
+    ingest(results, db)
+    cols = query(db, "SELECT column_name FROM (DESCRIBE runs)")["column_name"].tolist()
+    assert tuple(cols[: len(RECORD_FIELDS)]) == RECORD_FIELDS
+    assert {"run", "base_run", "seed", "grid", "method_order", "prefix_length", "chain"} == set(
+        RECORD_FIELDS
+    )
+    runs = query(db, f"SELECT {', '.join(RECORD_FIELDS)} FROM runs").set_index("run")
+    cell = runs.loc["prefix_lora_p4_s1"]
+    assert (cell["base_run"], cell["seed"], cell["grid"]) == ("prefix_lora_p4", 1, "plen")
+    assert (cell["method_order"], cell["prefix_length"]) == ("prefix+lora", 4)
+    assert list(cell["chain"]) == ["prefix", "lora"]
+    recap = runs.loc["recap_s0"]
+    assert recap[["grid", "method_order", "prefix_length"]].isna().all()
+    assert list(recap["chain"]) == ["stage0", "stage1"]
+    assert runs.loc["lora_prefix_s0", "method_order"] == "lora+prefix"
+    obj = _run_json(results, "lora_s0")
+    for key in RECORD_FIELDS:
+        broken = {k: v for k, v in obj.items() if k != key}
+        with pytest.raises(RunRecordError, match=rf"run\.json: missing key '{key}'"):
+            RunRecord.from_json(broken, results / "runs/lora_s0/run.json")
+
+
+def test_record_from_the_plan_round_trips_through_run_json(tmp_path, monkeypatch):
+    import vlalign.runs.provenance as provenance
+
+    monkeypatch.setattr(provenance, "device_name", lambda: "cpu")  # no torch import
+    config = load_config(REPO / "tests" / "configs" / "tiny_full.yaml")
+    stages, runs = plan(config)
+    cell = build_record(runs["prefix_len-num_prefix2_s0"], stages, lambda h: f"r/stages/{h}")
+    assert (cell.base_run, cell.seed, cell.grid) == ("prefix_len-num_prefix2", 0, "prefix_len")
+    assert (cell.method_order, cell.prefix_length) == ("prefix+lora", 2)
+    assert cell.stage_names == ["stage0", "stage1", "pt_prefix", "ft_lora_prefix"]
+    align = build_record(runs["align_s0"], stages, lambda h: h)
+    assert (align.grid, align.method_order, align.prefix_length) == (None, None, None)
+    assert before_peft(runs, stages) == [("align_s0", "world_target")]
+    # the evaluate rule's parameters (JSON on the command line) → run.json → the same record
+    params = json.loads(json.dumps(
+        evaluate_params(config, runs["prefix_lora_s1"], stages, lambda h: f"r/stages/{h}")))
+    assert params["config"]["peft"]["prefix_length"] == 16 and params["datasets"]
+    path = write_run_record(tmp_path / "runs" / "prefix_lora_s1", params, "2025-01-01T00:00:00")
+    obj = json.loads(path.read_text())
+    assert obj["record_version"] == 2 and obj["start"] == "2025-01-01T00:00:00" <= obj["end"]
+    record = RunRecord.from_json(obj, path)
+    assert record == build_record(runs["prefix_lora_s1"], stages, lambda h: f"r/stages/{h}")
+    assert record.method_order == "prefix+lora" and record.base_run == "prefix_lora"
+    with pytest.raises(RunRecordError, match="no record fields"):
+        write_run_record(tmp_path, {"run": "x_s0", "seed": 0, "chain": []})
+
+
+def test_version_1_run_json_is_read_with_derived_fields(tree):
+    """run.json files written before the record (no record_version) still ingest: the fields
+    come from the run name and the config's peft summary and run.grid, as those files had them."""
+    results, db, _ = tree
+    obj = _run_json(results, "prefix_lora_p4_s0")
+    for key in ("record_version", "base_run", "grid", "method_order", "prefix_length"):
+        del obj[key]
+    obj["config"] = {"run": {"grid": "plen"}, "peft": {"order": "prefix+lora", "prefix_length": 4}}
+    _write_json(results / "runs/prefix_lora_p4_s0/run.json", obj)
+    ingest(results, db)
+    row = query(db, "SELECT * FROM runs WHERE run = 'prefix_lora_p4_s0'").iloc[0]
+    assert (row["base_run"], row["seed"], row["grid"]) == ("prefix_lora_p4", 0, "plen")
+    assert (row["method_order"], row["prefix_length"]) == ("prefix+lora", 4)
+    assert list(row["chain"]) == ["prefix", "lora"]
+
+
 @pytest.mark.parametrize(
     "corrupt, match",
     [
@@ -395,6 +492,18 @@ def test_readonly_connection_cannot_write(tree):
         (
             lambda r: _write_json(r / "runs/lora_s0/run.json", {"run": "other", "chain": []}),
             r"runs/lora_s0/run\.json: 'run' is 'other'",
+        ),
+        (
+            lambda r: _write_json(
+                r / "runs/lora_s0/run.json", {**_run_json(r, "lora_s0"), "record_version": 9}
+            ),
+            r"runs/lora_s0/run\.json: record_version is 9, this vlalign reads versions 1 and 2",
+        ),
+        (
+            lambda r: _write_json(
+                r / "runs/lora_s0/run.json", {**_run_json(r, "lora_s0"), "prefix_length": "16"}
+            ),
+            r"runs/lora_s0/run\.json: key 'prefix_length' must be int or null, got '16'",
         ),
         (
             lambda r: _write_json(

@@ -19,10 +19,13 @@ import duckdb
 import pandas as pd
 
 from vlalign.io_utils import atomic_path
+from vlalign.runs.record import RECORD_COLUMNS, ChainLink, RunRecord, RunRecordError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: rank curves per (run, dataset, positions)
+# 2: rank curves per (run, dataset, positions); 3: the run record's columns (base_run, grid,
+# method_order, prefix_length, chain) in runs
+SCHEMA_VERSION = 3
 # Version of the metrics.json file format this reader understands (docs/outputs.md).
 METRICS_FILE_VERSION = 1
 TRAIN_LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s")
@@ -30,10 +33,12 @@ TRAIN_LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "samples
 _DDL = {
     "meta": """CREATE TABLE meta (
         schema_version INTEGER NOT NULL, created_at TIMESTAMP, results_dir VARCHAR)""",
-    "runs": """CREATE TABLE runs (
-        run VARCHAR PRIMARY KEY, recipe VARCHAR, stage_chain VARCHAR, stage_hashes JSON,
-        config JSON, seed INTEGER, git_commit VARCHAR, packages JSON,
-        start_time TIMESTAMP, end_time TIMESTAMP, device VARCHAR)""",
+    # the run record's columns (vlalign.runs.record, one declaration for file and table), then
+    # what the record is not: recipe, config and provenance
+    "runs": f"""CREATE TABLE runs (
+        {", ".join(f"{name} {sql}" for name, sql in RECORD_COLUMNS.items())},
+        recipe VARCHAR, stage_chain VARCHAR, stage_hashes JSON, config JSON, git_commit VARCHAR,
+        packages JSON, start_time TIMESTAMP, end_time TIMESTAMP, device VARCHAR)""",
     "metrics": """CREATE TABLE metrics (
         run VARCHAR NOT NULL, stage VARCHAR, dataset VARCHAR, split VARCHAR,
         metric VARCHAR NOT NULL, value DOUBLE NOT NULL, decoding JSON)""",
@@ -93,37 +98,31 @@ def _parse_time(value: Any, path: Path, key: str) -> datetime | None:
     return t.astimezone(UTC).replace(tzinfo=None) if t.tzinfo else t
 
 
-def _read_run_json(path: Path, run: str) -> tuple[dict, list[dict]]:
-    """Return (runs row, chain) of one run.json."""
+def _read_run_json(path: Path, run: str) -> tuple[dict, RunRecord]:
+    """Return (runs row, record) of one run.json."""
     obj = _load_json(path)
     if not isinstance(obj, dict):
         raise ResultsInputError(f"{path}: expected a JSON object")
     name = _require(obj, "run", path, str)
     if name != run:
         raise ResultsInputError(f"{path}: 'run' is {name!r} but the directory is {run!r}")
-    chain = _require(obj, "chain", path, list)
-    for i, link in enumerate(chain):
-        _require(link, "stage", path, str)
-        _require(link, "hash", path, str)
-        if "dir" in link and not isinstance(link["dir"], str):
-            raise ResultsInputError(f"{path}: chain[{i}].dir must be a string")
-    seed = obj.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ResultsInputError(f"{path}: key 'seed' must be an integer, got {seed!r}")
+    try:
+        record = RunRecord.from_json(obj, path)
+    except RunRecordError as e:
+        raise ResultsInputError(str(e)) from e
     row = {
-        "run": run,
+        **record.db_row(),
         "recipe": obj.get("recipe"),
-        "stage_chain": ">".join(link["stage"] for link in chain),
-        "stage_hashes": json.dumps([link["hash"] for link in chain]),
+        "stage_chain": ">".join(record.stage_names),
+        "stage_hashes": json.dumps([link.hash for link in record.chain]),
         "config": json.dumps(obj.get("config", {}), sort_keys=True),
-        "seed": seed,
         "git_commit": obj.get("git_commit"),
         "packages": json.dumps(obj.get("packages", {}), sort_keys=True),
         "start_time": _parse_time(obj.get("start"), path, "start"),
         "end_time": _parse_time(obj.get("end"), path, "end"),
         "device": obj.get("device"),
     }
-    return row, chain
+    return row, record
 
 
 def _is_number(x: Any) -> bool:
@@ -273,15 +272,15 @@ def _read_train_log(path: Path) -> pd.DataFrame:
     return df
 
 
-def _stage_dir(link: dict, results_dir: Path) -> Path:
+def _stage_dir(link: ChainLink, results_dir: Path) -> Path:
     """Locate a chain stage's directory.
 
     ``dir`` in run.json is written relative to the workflow root (e.g. ``results/stages/<h>``);
     the hash under ``results_dir/stages`` is tried first so a moved results tree still works.
     """
-    candidates = [results_dir / "stages" / link["hash"]]
-    if "dir" in link:
-        d = Path(link["dir"])
+    candidates = [results_dir / "stages" / link.hash]
+    if link.dir is not None:
+        d = Path(link.dir)
         candidates += [d] if d.is_absolute() else [d, results_dir.parent / d, results_dir / d]
     for c in candidates:
         if c.is_dir():
@@ -304,19 +303,19 @@ def _collect(results_dir: Path) -> dict[str, pd.DataFrame]:
             log.info("skipping %s: no run.json / metrics.json / rank_curve.json yet", run_dir)
             continue
         if run_json.exists():
-            row, chain = _read_run_json(run_json, run)
+            row, record = _read_run_json(run_json, run)
             rows["runs"].append(row)
             offset = 0
-            for idx, link in enumerate(chain):
+            for idx, link in enumerate(record.chain):
                 csv = _stage_dir(link, results_dir) / "train_log.csv"
                 if not csv.exists():
-                    log.warning("%s: stage %s has no train log at %s", run_json, link["stage"], csv)
+                    log.warning("%s: stage %s has no train log at %s", run_json, link.stage, csv)
                     continue
                 df = _read_train_log(csv)
                 df.insert(0, "run", run)
-                df.insert(1, "stage", link["stage"])
+                df.insert(1, "stage", link.stage)
                 df.insert(2, "stage_index", idx)
-                df.insert(3, "stage_hash", link["hash"])
+                df.insert(3, "stage_hash", link.hash)
                 # global_step makes a run's whole chain plottable on one axis.
                 df["global_step"] = df["step"] - (df["step"].min() if len(df) else 0) + offset
                 offset = int(df["global_step"].max()) + 1 if len(df) else offset
