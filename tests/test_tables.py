@@ -77,7 +77,7 @@ def known_db(tmp_path: Path) -> Path:
     return db
 
 
-METHOD_SQL = "regexp_replace(r.run, '_s[0-9]+$', '')"
+METHOD_SQL = "r.base_run"  # the run record's column (known_db's run.json files are version 1)
 KNOWN_SPEC = {
     "name": "known",
     "caption": "Known numbers (×100) & 50% of_it",
@@ -216,6 +216,37 @@ def test_escape_and_spec_errors(known_db, tmp_path):
         }
     )
     with pytest.raises(TableSpecError, match="several values.*seed=0"):
+        render_table(known_db, spec)
+
+
+def test_spec_name_must_be_its_file_stem(known_db, tmp_path):
+    """The DAG names a table's outputs by the file stem: a declaration naming another table
+    is rejected, naming the file."""
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    (tables / "other.yaml").write_text(yaml.safe_dump(KNOWN_SPEC, allow_unicode=True))
+    match = r"other\.yaml: name 'known' differs from the file name 'other'"
+    with pytest.raises(TableSpecError, match=match):
+        load_specs(tables)
+    with pytest.raises(TableSpecError, match=match):
+        render_all(known_db, tables, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_column_fails_naming_the_spec(known_db):
+    """A query naming a column the runs table does not have (e.g. a renamed record field) is a
+    TableSpecError naming the declaration and the column, not an empty or wrong cell."""
+    spec = spec_from_dict(
+        {
+            **KNOWN_SPEC,
+            "extra_columns": [],
+            "query": "SELECT r.base_run AS method, r.seed, m.metric, m.value "
+            "FROM metrics m JOIN runs r USING (run) WHERE r.prefix_len = 16",
+        },
+        source="renamed.yaml",
+    )
+    with pytest.raises(TableSpecError, match=r"(?s)renamed\.yaml.*query failed.*prefix_len.*"
+                       r"record columns are \['run', 'base_run'"):
         render_table(known_db, spec)
 
 

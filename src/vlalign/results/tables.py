@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pandas as pd
 import yaml
 
 from vlalign.io_utils import write_text_atomic
-from vlalign.results.db import query
+from vlalign.results.db import SCHEMA_VERSION, query
+from vlalign.runs.record import RECORD_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -258,12 +260,20 @@ def spec_from_dict(d: dict, source: str = "<dict>") -> TableSpec:
 
 
 def load_spec(path: str | Path) -> TableSpec:
+    """A declaration file. Its ``name`` must be its file stem: the workflow knows a table's
+    outputs (``<stem>.tex`` ...) from the file name before any table is rendered."""
     path = Path(path)
     try:
         d = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise TableSpecError(f"{path}: invalid YAML ({e})") from e
-    return spec_from_dict(d, source=str(path))
+    spec = spec_from_dict(d, source=str(path))
+    if spec.name != path.stem:
+        raise TableSpecError(
+            f"{path}: name {spec.name!r} differs from the file name {path.stem!r}; "
+            f"rename the file to {spec.name}.yaml or set name: {path.stem}"
+        )
+    return spec
 
 
 def load_specs(tables_dir: str | Path) -> list[TableSpec]:
@@ -328,7 +338,13 @@ def _aggregate(
 
 
 def _run_query(db_path: str | Path, sql: str, needed: list[str], where: str) -> pd.DataFrame:
-    df = query(db_path, sql)
+    try:
+        df = query(db_path, sql)
+    except duckdb.Error as e:  # e.g. a column the schema does not have (a renamed field)
+        raise TableSpecError(
+            f"{where}: query failed against schema version {SCHEMA_VERSION} ({e}); "
+            f"the runs table's record columns are {list(RECORD_COLUMNS)}"
+        ) from e
     missing = [c for c in needed if c not in df.columns]
     if missing:
         raise TableSpecError(
