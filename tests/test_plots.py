@@ -59,6 +59,12 @@ def test_selected_runs_and_config_path(db, tmp_path):
     _check_figure(*paths)
     paths = plot_metric_vs_config(db, tmp_path, metric="Bleu_4", config_path="$.peft.prefix_length")
     assert paths[0].name == "Bleu_4_vs_peft_prefix_length.png"
+    # the run record's column by default; a name that is neither column nor JSON path is refused
+    paths = plot_metric_vs_config(db, tmp_path, metric="Bleu_4")
+    assert paths[0].name == "Bleu_4_vs_prefix_length.png"
+    _check_figure(*paths)
+    with pytest.raises(ValueError, match=r"'prefix_len' is neither a run record column"):
+        plot_metric_vs_config(db, tmp_path, config_path="prefix_len")
 
 
 def test_no_data_is_skipped_with_a_message(tmp_path, caplog):
@@ -70,7 +76,7 @@ def test_no_data_is_skipped_with_a_message(tmp_path, caplog):
         assert plot_all(empty, out) == []
     assert "no training log rows" in caplog.text
     assert "no rank curves" in caplog.text
-    assert "no CIDEr/test records with numeric config $.peft.prefix_length" in caplog.text
+    assert "no CIDEr/test records with numeric prefix_length" in caplog.text
     assert not out.exists() or not any(out.iterdir())
 
 

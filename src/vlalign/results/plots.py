@@ -7,7 +7,6 @@ an empty axes must never pass for a result.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import pandas as pd
@@ -15,9 +14,9 @@ from matplotlib.figure import Figure
 
 from vlalign.io_utils import atomic_path
 from vlalign.results.db import query
+from vlalign.runs.record import RECORD_COLUMNS
 
 log = logging.getLogger(__name__)
-_SEED_SUFFIX = re.compile(r"_s[0-9]+$")
 
 FORMATS = ("png", "pdf")
 
@@ -34,11 +33,6 @@ def _save(fig: Figure, out_dir: Path, name: str) -> list[Path]:
 
 def _sql_str(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
-
-
-def _model(run: str) -> str:
-    """Run name without its seed suffix (``prefix_lora_s1`` → ``prefix_lora``)."""
-    return _SEED_SUFFIX.sub("", run)
 
 
 def _display(name: str) -> str:
@@ -70,14 +64,15 @@ def plot_loss_per_stage(
     """Training loss vs. step, one panel per stage name, one line per model (seed 002 Fig. 5).
 
     Comparing e.g. a recaptioned-text run with a human-caption run shows which converges faster.
-    With ``group_seeds`` runs that differ only in their ``_s<seed>`` suffix are one line (mean,
-    ±std band); otherwise one line per run.
+    With ``group_seeds`` the seeds of one run (its ``base_run``) are one line (mean, ±std band);
+    otherwise one line per run.
     """
-    where = f"WHERE run IN ({', '.join(map(_sql_str, runs))})" if runs else ""
+    where = f"WHERE t.run IN ({', '.join(map(_sql_str, runs))})" if runs else ""
     df = query(
         db_path,
-        f"SELECT run, stage, stage_index, step, loss FROM train_log {where} "
-        "ORDER BY run, stage_index, step",
+        "SELECT t.run, coalesce(r.base_run, t.run) AS model, t.stage, t.stage_index, t.step, "
+        f"t.loss FROM train_log t LEFT JOIN runs r USING (run) {where} "
+        "ORDER BY t.run, t.stage_index, t.step",
     )
     df = df[df["loss"].notna()]
     if df.empty:
@@ -91,7 +86,7 @@ def plot_loss_per_stage(
     # Panels in chain order: stages that come first in some chain come first.
     first_index = df.groupby("stage", sort=False)["stage_index"].min()
     stages = sorted(first_index.index, key=lambda st: (first_index[st], st))
-    df["line"] = df["run"].map(_model) if group_seeds else df["run"]
+    df["line"] = df["model"] if group_seeds else df["run"]
     fig = Figure(figsize=(4.2 * len(stages), 3.4), layout="constrained")
     axes = fig.subplots(1, len(stages), squeeze=False)[0]
     for ax, stage in zip(axes, stages):
@@ -141,18 +136,20 @@ def plot_rank_curves(
     where = f"WHERE c.run IN ({', '.join(map(_sql_str, runs))})" if runs else ""
     df = query(
         db_path,
-        "SELECT c.run, coalesce(c.dataset, '?') AS dataset, c.positions, c.k, c.cumulative, "
+        "SELECT c.run, coalesce(r.base_run, c.run) AS model, "
+        "coalesce(c.dataset, '?') AS dataset, c.positions, c.k, c.cumulative, "
         "c.reference, s.threshold, s.effective_rank, s.n_components "
         "FROM rank_curve c JOIN rank_summary s ON c.run = s.run "
         "AND c.dataset IS NOT DISTINCT FROM s.dataset AND c.positions = s.positions "
         "AND c.reference IS NOT DISTINCT FROM s.reference "
+        "LEFT JOIN runs r ON r.run = c.run "
         f"{where} ORDER BY c.run, c.k",
     )
     if df.empty:
         log.warning("%s: no rank curves; skipping plot %s", db_path, name)
         return []
     df["x"] = df["k"] / df["n_components"]
-    base = df["run"].map(_model) if group_seeds else df["run"]
+    base = df["model"] if group_seeds else df["run"]
     df["line"] = base + df["reference"].map(
         lambda r: " (before PEFT)" if r == "before_peft" else ""
     )
@@ -199,33 +196,43 @@ def plot_metric_vs_config(
     db_path: str | Path,
     out_dir: str | Path,
     metric: str = "CIDEr",
-    config_path: str = "$.peft.prefix_length",
+    config_path: str = "prefix_length",
     split: str = "test",
     scale: float = 100.0,
     name: str | None = None,
 ) -> list[Path]:
-    """Metric (mean ± std over seeds) vs. a numeric config value, one line per dataset × chain.
+    """Metric (mean ± std over seeds) vs. a numeric run setting, one line per dataset × chain.
 
-    ``config_path`` is a JSON path into each run's resolved config, e.g. the prefix length
-    (seed 003 Fig. 8). Only the evaluation of the chain's final stage is used.
+    ``config_path`` is a column of the run record (``prefix_length``: seed 003 Fig. 8) or, for a
+    setting that is none, a JSON path into the run's resolved config (``$.stages[2].lr.lm``).
+    Only the evaluation of the chain's final stage is used.
     """
+    if config_path.startswith("$"):
+        x_sql = f"TRY_CAST(json_extract_string(r.config, {_sql_str(config_path)}) AS DOUBLE)"
+        what = f"config {config_path}"
+    elif config_path in RECORD_COLUMNS:
+        x_sql, what = f'TRY_CAST(r."{config_path}" AS DOUBLE)', config_path
+    else:
+        raise ValueError(
+            f"plot_metric_vs_config: {config_path!r} is neither a run record column "
+            f"({list(RECORD_COLUMNS)}) nor a JSON path into the config ('$.…')"
+        )
     name = name or f"{metric}_vs_{config_path.removeprefix('$.').replace('.', '_')}"
     df = query(
         db_path,
-        f"""SELECT TRY_CAST(json_extract_string(r.config, {_sql_str(config_path)}) AS DOUBLE) AS x,
-                   m.dataset, r.stage_chain, r.seed, m.value * {float(scale)} AS y
+        f"""SELECT {x_sql} AS x, m.dataset, r.stage_chain, r.seed, m.value * {float(scale)} AS y
             FROM metrics m JOIN runs r USING (run)
             WHERE m.metric = {_sql_str(metric)} AND m.split = {_sql_str(split)}
-              AND m.stage = list_last(string_split(r.stage_chain, '>'))""",
+              AND m.stage = list_last(r.chain)""",
     )
     df = df[df["x"].notna()]
     if df.empty:
         log.warning(
-            "%s: no %s/%s records with numeric config %s; skipping plot %s",
+            "%s: no %s/%s records with numeric %s; skipping plot %s",
             db_path,
             metric,
             split,
-            config_path,
+            what,
             name,
         )
         return []
@@ -254,5 +261,8 @@ def plot_all(db_path: str | Path, out_dir: str | Path) -> list[Path]:
     """Every default figure that has data; figures without data are skipped (logged)."""
     paths = plot_loss_per_stage(db_path, out_dir)
     paths += plot_rank_curves(db_path, out_dir)
-    paths += plot_metric_vs_config(db_path, out_dir, "CIDEr", "$.peft.prefix_length")
+    # the file keeps the name it had when the prefix length was read from the config JSON
+    paths += plot_metric_vs_config(
+        db_path, out_dir, "CIDEr", "prefix_length", name="CIDEr_vs_peft_prefix_length"
+    )
     return paths
