@@ -3,6 +3,8 @@ import json
 import sys
 from pathlib import Path
 
+from vlalign.runs.record import before_peft, rank_datasets
+
 from snakemake.utils import validate
 
 from vlalign.config import check_references
@@ -29,6 +31,23 @@ def params_json(**kwargs):
 
 def data_dir(name):
     return f"{R}/data/{name}"
+
+
+def rank_outputs():
+    """The reference rank curves (vlalign.runs.record decides which exist)."""
+    return [
+        *[f"{R}/runs/_reference_lm/{d}/rank_curve.json" for d in rank_datasets(RUNS)],
+        *[f"{R}/runs/{run}/before_peft/{d}/rank_curve.json" for run, d in before_peft(RUNS, STAGES)],
+    ]
+
+
+def all_run_outputs():
+    """Everything the aggregate rule ingests."""
+    return [
+        *[f"{R}/runs/{run}/metrics.json" for run in RUNS],
+        *[f"{R}/runs/{run}/run.json" for run in RUNS],
+        *rank_outputs(),
+    ]
 
 
 def final_outputs():

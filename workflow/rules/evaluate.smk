@@ -1,6 +1,6 @@
 # Evaluation: every run's last stage → predictions, metrics.json, rank curve, run.json.
 # The run record (run.json's fields) and which extra rank curves exist: vlalign.runs.record.
-from vlalign.runs.record import before_peft, evaluate_params, rank_datasets
+from vlalign.runs.record import evaluate_params
 
 
 wildcard_constraints:
@@ -29,13 +29,6 @@ rule evaluate:
         "{VLALIGN} evaluate --params {params.p:q} --stage {input.stage} --data {input.data}"
         " --tokenizer {input.tokenizer} --vision {input.vision} --out-dir {params.out_dir}"
         " > {log} 2>&1"
-
-
-def rank_outputs():
-    return [
-        *[f"{R}/runs/_reference_lm/{d}/rank_curve.json" for d in rank_datasets(RUNS)],
-        *[f"{R}/runs/{run}/before_peft/{d}/rank_curve.json" for run, d in before_peft(RUNS, STAGES)],
-    ]
 
 
 rule reference_rank:

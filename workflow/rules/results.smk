@@ -1,16 +1,13 @@
 # Results: the only writer of the DuckDB file, then tables and plots from SQL.
-import glob
+from vlalign.config import ConfigError
 
-TABLE_SPECS = sorted(glob.glob("config/tables/*.yaml"))
+# Table declarations: the tables_dir key, relative to the workflow's directory (not the cwd).
+TABLES_DIR = Path(workflow.basedir) / config["tables_dir"]
+if not TABLES_DIR.is_dir():
+    raise ConfigError(f"tables_dir: {TABLES_DIR} is not a directory")
+TABLE_SPECS = sorted(str(p) for p in TABLES_DIR.glob("*.yaml"))
+# a declaration's name must be its file stem (vlalign.results.tables.load_spec checks it)
 TABLE_NAMES = [Path(p).stem for p in TABLE_SPECS]
-
-
-def all_run_outputs():
-    return [
-        *[f"{R}/runs/{run}/metrics.json" for run in RUNS],
-        *[f"{R}/runs/{run}/run.json" for run in RUNS],
-        *rank_outputs(),
-    ]
 
 
 rule aggregate:
@@ -47,7 +44,7 @@ rule tables:
     benchmark:
         f"{R}/benchmarks/tables.tsv"
     shell:
-        "{VLALIGN} results tables --db {input.db} --tables-dir config/tables --out {R}/tables"
+        "{VLALIGN} results tables --db {input.db} --tables-dir {TABLES_DIR:q} --out {R}/tables"
         " > {log} 2>&1"
 
 

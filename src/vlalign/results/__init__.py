@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from vlalign.config import REPO_ROOT
 from vlalign.results.db import (
     SCHEMA_VERSION,
     ResultsInputError,
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--db", default="results/results.duckdb")
     s = sub.add_parser("tables", help="render config/tables/*.yaml to .tex/.csv/.md")
     s.add_argument("--db", default="results/results.duckdb")
-    s.add_argument("--tables-dir", default="config/tables")
+    # default: the checkout's declarations, wherever the command runs from
+    s.add_argument("--tables-dir", default=str(REPO_ROOT / "config" / "tables"))
     s.add_argument("--out", default="results/tables")
     s = sub.add_parser("plots", help="write the default figures (PNG + PDF)")
     s.add_argument("--db", default="results/results.duckdb")
