@@ -7,8 +7,11 @@ from typing import Any
 
 import pytest
 
+import vlalign.runs.plan as plan_module
+import vlalign.runs.settings as settings_module
 from vlalign.config import REPO_ROOT, ConfigError, load_config
-from vlalign.runs.plan import StageNode, plan
+from vlalign.runs.plan import StageNode, plan, resolve_stage_settings
+from vlalign.runs.settings import TRAIN_DEFAULTS, StageSettings
 
 CONFIG = REPO_ROOT / "config" / "config.yaml"
 
@@ -259,3 +262,118 @@ def test_unknown_dataset_is_named():
         _plan({"runs": {"x": {"chain": [{"stage": "stage0", "dataset": "nosuchdata"}]}}})
     with pytest.raises(ConfigError, match="eval_datasets.*nosuchdata"):
         _plan({"runs": {"x": {"chain": ["stage0"], "eval_datasets": ["nosuchdata"]}}})
+
+
+# ------------------------------------------------------------------------------ resolved settings
+def test_every_stage_is_resolved_once_into_typed_settings():
+    stages, runs = _plan()
+    names = set(StageSettings.setting_names())
+    assert names == set(TRAIN_DEFAULTS) | {"dataset", "text", "lr"}
+    for node in stages.values():
+        assert isinstance(node.resolved, StageSettings)
+        assert set(node.settings) == names  # every setting has a value: no consumer defaults
+        assert set(node.settings["lr"]) == {"vision", "projector", "lm"}
+        assert node.settings == node.resolved.to_dict()
+        assert node.settings["checkpoint_every"] == node.resolved.checkpoint_every
+    s1 = stages[_hashes(runs, "align4_s0")[1]].resolved
+    assert s1.optimizer.eps == TRAIN_DEFAULTS["optimizer"]["eps"]  # not in config.yaml's train:
+    assert s1.optimizer.weight_decay == 0.01 and s1.epochs == 8
+    # the same config plans the same hashes
+    again, _ = _plan()
+    assert list(again) == list(stages)
+
+
+def test_train_defaults_have_one_home():
+    # plan re-exports the settings module's table: there is no second copy
+    assert plan_module.TRAIN_DEFAULTS is settings_module.TRAIN_DEFAULTS
+    cfg = load_config(CONFIG)
+    cfg["train"] = {}
+    name, settings, seed = resolve_stage_settings(cfg, "stage1")
+    assert (name, seed) == ("stage1", None)
+    for key in ("checkpoint_every", "warmup_ratio", "min_lr", "max_length", "batch_size"):
+        assert getattr(settings, key) == TRAIN_DEFAULTS[key], key
+    # an absent module LR is 0 (frozen), filled in once here
+    over = {"stages": {"odd": {"dataset": "world", "text": "recaption", "lr": {"projector": 1}}}}
+    _, s = resolve_stage_settings(load_config(CONFIG, over), "odd")[:2]
+    assert dict(s.lr) == {"vision": 0, "projector": 1, "lm": 0}
+
+
+def test_peft_blocks_are_resolved_by_the_method_registry():
+    from vlalign.methods.registry import get_method
+
+    stages, runs = _plan()
+    node = stages[_hashes(runs, "parallel_lora_s0")[-1]]
+    assert [m.name for m in node.resolved.peft] == ["lora", "prefix"]  # the block's order
+    lora = node.resolved.method("lora")
+    assert lora.lr == 2.0e-3
+    given = {"r": 16, "alpha": 32, "dropout": 0.05}
+    assert dict(lora.config) == get_method("lora").resolve_config(given)
+    assert node.settings["peft"]["lora"] == {"lr": 2.0e-3, **lora.config}
+    assert stages[_hashes(runs, "align4_s0")[0]].settings["peft"] is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        # LoRA's rank is `r`: the registry refuses `rank`
+        (
+            {"stages": {"ft_lora": {"peft": {"lora": {"rank": 16}}}}},
+            ["stages.ft_lora.peft.lora", "'rank'", "'r'"],
+        ),
+        (
+            {"stages": {"ft_lora": {"peft": {"nosuchmethod": {"lr": 1.0}}}}},
+            ["stages.ft_lora.peft.nosuchmethod", "unknown PEFT method"],
+        ),
+        (
+            {"stages": {"ft_lora": {"peft": {"lora": {"lr": -1}}}}},
+            ["stages.ft_lora.peft.lora.lr", "-1"],
+        ),
+        # a run's chain override is checked like a stages: entry
+        (
+            {"runs": {"x": {"chain": [{"stage": "stage1", "epocs": 2}]}}},
+            ["runs.x", "stages.stage1", "'epocs'"],
+        ),
+        (
+            {"runs": {"x": {"chain": [{"stage": "stage1", "warmup_ratio": 2}]}}},
+            ["runs.x", "stages.stage1.warmup_ratio", "2"],
+        ),
+        (
+            {"runs": {"x": {"chain": [{"stage": "stage1", "lr": {"lm": "fast"}}]}}},
+            ["stages.stage1.lr.lm", "'fast'"],
+        ),
+    ],
+)
+def test_bad_stage_settings_fail_at_plan_time_naming_the_key(overrides, fragments):
+    with pytest.raises(ConfigError) as err:
+        _plan(overrides)
+    for frag in fragments:
+        assert frag in str(err.value), (frag, str(err.value))
+
+
+def test_peft_method_without_lr_fails_at_plan_time():
+    over = {
+        "stages": {
+            "no_lr": {
+                "dataset": "world_target",
+                "text": "captions",
+                "lr": {"vision": 0, "projector": 0, "lm": 0},
+                "peft": {"prefix": {"num_prefix": 8}},
+            }
+        },
+        "runs": {"x": {"after": "align4", "chain": ["no_lr"]}},
+    }
+    with pytest.raises(ConfigError, match=r"runs\.x: stages\.no_lr\.peft\.prefix: needs an 'lr'"):
+        _plan(over)
+
+
+def test_job_settings_round_trip_and_are_checked_again():
+    stages, _ = _plan()
+    for node in stages.values():
+        assert StageSettings.from_dict(node.settings) == node.resolved
+    plain = next(iter(stages.values())).settings
+    with pytest.raises(ConfigError, match=r"stage x: missing setting\(s\) \['checkpoint_every'\]"):
+        StageSettings.from_dict(
+            {k: v for k, v in plain.items() if k != "checkpoint_every"}, "stage x"
+        )
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\) \['seed'\]"):
+        StageSettings.from_dict({**plain, "seed": 3})

@@ -1,15 +1,20 @@
-"""Load and validate a pipeline config (the same checks the Snakefile runs before any job)."""
+"""Load and validate a pipeline config: the checks the Snakefile runs before any job
+(``workflow/rules/common.smk`` calls :func:`validate_config`)."""
 
 from __future__ import annotations
 
 import copy
+import functools
+from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+# The source checkout, for the scripts and tests run from it (bench/, tests/). The package reads
+# no repo file through it: the schema ships inside the package, so an installed vlalign works.
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA = files("vlalign") / "schemas" / "config.schema.yaml"
 
 
 class ConfigError(ValueError):
@@ -29,21 +34,50 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+@functools.cache
+def load_schema() -> dict[str, Any]:
+    """The config schema (``vlalign/schemas/config.schema.yaml``), parsed once; do not mutate."""
+    return yaml.safe_load(SCHEMA.read_text())
+
+
+def schema_defaults(section: str) -> dict[str, Any]:
+    """The defaults the schema fills into a top-level section given as ``{}`` (e.g. ``model``):
+    for callers handed no config section, so that the schema stays their one home."""
+    props = load_schema()["properties"][section].get("properties", {})
+    return {k: copy.deepcopy(v["default"]) for k, v in props.items() if "default" in v}
+
+
 def validate_config(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
-    """Validate against the JSON schema (filling defaults in place) and cross-check references."""
+    """Validate against the JSON schema (filling defaults in place), resolve the ``world:``
+    section (its keys, defaults and ranges live in :mod:`vlalign.data.world`) and cross-check
+    references. Stage settings are resolved and checked when the plan is built
+    (:func:`vlalign.runs.plan.plan`)."""
     from snakemake.utils import validate
 
     try:
-        validate(config, str(SCHEMA_PATH), set_default=True)
+        with as_file(SCHEMA) as path:
+            validate(config, str(path), set_default=True)
     except Exception as e:  # snakemake wraps jsonschema errors in WorkflowError
         raise ConfigError(f"{source}: {e}") from None
+    config["world"] = resolve_world(config["world"], source)
     check_references(config, source)
     return config
 
 
+def resolve_world(world: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """The ``world:`` section with its defaults, validated by the world generator itself."""
+    from vlalign.data.world import resolve_scene_config  # lazy: imports datasets, PIL
+
+    try:
+        return resolve_scene_config(world)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None  # "world config: 'grid' must be ..."
+
+
 def check_references(config: dict[str, Any], source: str = "config") -> None:
-    """Keys that name other config entries must name existing ones."""
-    names = set(config.get("datasets", {}))
+    """Keys that name other config entries must name existing ones (on a config the schema has
+    validated, its defaults filled in)."""
+    names = set(config["datasets"])
 
     def need(key: str, name: str) -> None:
         if name not in names:
@@ -52,27 +86,21 @@ def check_references(config: dict[str, Any], source: str = "config") -> None:
                 f"(known: {sorted(names)})"
             )
 
-    world = config.get("world", {})
-    if world and world.get("image_size", 64) < 8 * world.get("grid", 3):
-        raise ConfigError(f"{source}: world.image_size {world['image_size']} is too small for "
-                          f"world.grid {world['grid']} (needs >= 8 x grid)")
     for kind in ("vision", "lm"):
         spec = config.get(kind, {})
         if spec.get("source") == "tiny" and not spec.get("config"):
             raise ConfigError(f"{source}: {kind}.source is 'tiny' but {kind}.config (the model "
                               "sizes) is missing")
-    tok = config.get("tokenizer", {})
-    if tok.get("source", "train") == "train":
-        for name in tok.get("corpus", []):
+    tok = config["tokenizer"]
+    if tok["source"] == "train":
+        for name in tok["corpus"]:
             need("tokenizer.corpus", name)
-    if config.get("vision", {}).get("source") == "tiny":
-        for name in config["vision"]["pretrain"]["datasets"]:
-            need("vision.pretrain.datasets", name)
-    if config.get("lm", {}).get("source") == "tiny":
-        for name in config["lm"]["pretrain"]["datasets"]:
-            need("lm.pretrain.datasets", name)
+    for kind in ("vision", "lm"):
+        if config.get(kind, {}).get("source") == "tiny":
+            for name in config[kind]["pretrain"]["datasets"]:
+                need(f"{kind}.pretrain.datasets", name)
     _check_scene_prefix(config, source)
-    if tok.get("source") == "train" and config.get("lm", {}).get("source", "tiny") != "tiny":
+    if tok["source"] == "train" and config.get("lm", {}).get("source") not in (None, "tiny"):
         raise ConfigError(
             f"{source}: tokenizer.source 'train' needs lm.source 'tiny'; "
             "a pre-trained LM brings its own tokenizer (tokenizer.source: from_lm)"
@@ -82,11 +110,15 @@ def check_references(config: dict[str, Any], source: str = "config") -> None:
 def _check_scene_prefix(config: dict[str, Any], source: str) -> None:
     """The LM's pre-training prefix must have the shape of the image block it will read."""
     lm, vision = config.get("lm", {}), config.get("vision", {})
-    side = lm.get("pretrain", {}).get("scene_prefix", {}).get("side", 0)
-    if not side or lm.get("source") != "tiny" or vision.get("source") != "tiny":
+    if lm.get("source") != "tiny" or vision.get("source") != "tiny":
         return
-    vc = vision.get("config", {})
-    patches = vc.get("image_size", 224) // vc.get("patch_size", 16)
+    side = lm["pretrain"]["scene_prefix"]["side"]
+    if not side:
+        return
+    from transformers import SiglipVisionConfig  # its defaults are the tiny tower's
+
+    vc = SiglipVisionConfig(**vision["config"])
+    patches = vc.image_size // vc.patch_size
     if side != patches:
         raise ConfigError(
             f"{source}: lm.pretrain.scene_prefix.side is {side} but the vision tower has "

@@ -5,13 +5,11 @@ from pathlib import Path
 
 from vlalign.runs.record import before_peft, rank_datasets
 
-from snakemake.utils import validate
+from vlalign.config import validate_config
 
-from vlalign.config import check_references
-
-
-validate(config, "../schemas/config.schema.yaml")
-check_references(config, source="config")
+# The package's schema (vlalign/schemas/config.schema.yaml), the world's own checks and the
+# cross-references: what `vlalign plan` runs too. Stage settings are checked by plan() (train.smk).
+validate_config(config, source="config")
 
 R = config["results_dir"]
 # The interpreter running Snakemake also runs the jobs (same venv locally, on SLURM nodes too).

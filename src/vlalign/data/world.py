@@ -29,7 +29,9 @@ from tqdm.auto import tqdm
 
 from vlalign.data.schema import FEATURES, SPLITS
 
-DEFAULT_CONFIG: dict[str, Any] = {
+# The one home of the world's keys and defaults (the pipeline's ``world:`` section is validated
+# by resolve_scene_config; the config schema defers to it). Ranges: resolve_scene_config.
+SCENE_DEFAULTS: dict[str, Any] = {
     "image_size": 64,
     "grid": 3,
     "max_objects": 4,
@@ -37,8 +39,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "qa_per_image": 4,
     "conversation_turns": 3,
     "texture_prob": 0.3,
-    "splits": {"train": 400, "val": 64, "test": 64},
 }
+# Split sizes when a caller gives none (the pipeline always does: datasets.<name>.splits_sizes).
+DEFAULT_SPLITS: dict[str, int] = {"train": 400, "val": 64, "test": 64}
+DEFAULT_CONFIG: dict[str, Any] = {**SCENE_DEFAULTS, "splits": DEFAULT_SPLITS}
 DOMAINS = ("source", "target")
 N_ANNOTATORS = 10
 
@@ -139,33 +143,46 @@ def _check_int(key: str, value: Any, lo: int, hi: int | None = None) -> int:
     return int(value)
 
 
-def resolve_config(
-    world_cfg: Mapping[str, Any] | None, splits: Mapping[str, int] | None = None
-) -> dict[str, Any]:
-    """Defaults + ``world_cfg`` (+ ``splits`` override), validated.
+def resolve_scene_config(world_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Defaults + ``world_cfg`` for the scene keys (no ``splits``), validated: the pipeline's
+    ``world:`` section.
 
     Raises ValueError naming the offending key (unknown keys too: a typo must not be ignored).
     """
     world_cfg = dict(world_cfg or {})
-    unknown = sorted(set(world_cfg) - set(DEFAULT_CONFIG))
+    unknown = sorted(set(world_cfg) - set(SCENE_DEFAULTS))
     if unknown:
         raise ValueError(
-            f"world config: unknown key(s) {unknown}; allowed: {sorted(DEFAULT_CONFIG)}"
+            f"world config: unknown key(s) {unknown}; allowed: {sorted(SCENE_DEFAULTS)}"
         )
-    cfg = {**DEFAULT_CONFIG, **world_cfg}
+    cfg = {**SCENE_DEFAULTS, **world_cfg}
     cfg["grid"] = _check_int("grid", cfg["grid"], 2, 4)
+    # 8 px per cell at least: smaller shapes lose the attributes the captions name
     cfg["image_size"] = _check_int("image_size", cfg["image_size"], 8 * cfg["grid"], 1024)
     cfg["max_objects"] = _check_int("max_objects", cfg["max_objects"], 1, cfg["grid"] ** 2)
-    cfg["captions_per_image"] = _check_int("captions_per_image", cfg["captions_per_image"], 1, 50)
+    # >= 5 human captions per image, as COCO gives (the references of the caption metrics)
+    cfg["captions_per_image"] = _check_int("captions_per_image", cfg["captions_per_image"], 5, 50)
     cfg["qa_per_image"] = _check_int("qa_per_image", cfg["qa_per_image"], 1, 50)
     cfg["conversation_turns"] = _check_int("conversation_turns", cfg["conversation_turns"], 1, 50)
     tp = cfg["texture_prob"]
     if isinstance(tp, bool) or not isinstance(tp, int | float) or not 0.0 <= tp <= 1.0:
         raise ValueError(f"world config: 'texture_prob' must be a number in [0, 1], got {tp!r}")
     cfg["texture_prob"] = float(tp)
+    return cfg
 
-    sizes = {**DEFAULT_CONFIG["splits"]}
-    for source_name, given in (("splits", cfg["splits"]), ("splits argument", splits)):
+
+def resolve_config(
+    world_cfg: Mapping[str, Any] | None, splits: Mapping[str, int] | None = None
+) -> dict[str, Any]:
+    """:func:`resolve_scene_config` + the split sizes (``world_cfg["splits"]``, then ``splits``).
+
+    Raises ValueError naming the offending key.
+    """
+    world_cfg = dict(world_cfg or {})
+    given_splits = world_cfg.pop("splits", None)
+    cfg = resolve_scene_config(world_cfg)
+    sizes = dict(DEFAULT_SPLITS)
+    for source_name, given in (("splits", given_splits), ("splits argument", splits)):
         if given is None:
             continue
         if not isinstance(given, Mapping):
@@ -775,7 +792,7 @@ def scene_labels(meta_json: str) -> dict[str, int]:
         raise ValueError(f"scene_labels: meta is not valid JSON: {e}") from e
     if not isinstance(meta, dict) or not isinstance(meta.get("objects"), list):
         raise ValueError("scene_labels: meta has no 'objects' list")
-    grid = meta.get("grid", 3)
+    grid = meta.get("grid", SCENE_DEFAULTS["grid"])
     labels = {k: 0 for k in scene_label_classes(grid)}
     labels["count"] = len(meta["objects"])
     for i, o in enumerate(meta["objects"]):

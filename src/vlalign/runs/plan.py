@@ -14,41 +14,25 @@ from typing import Any
 
 from vlalign.config import ConfigError, deep_merge
 from vlalign.io_utils import stable_hash
-
-# Every stage setting has a value: these, then the config's ``train:``, then the stage's own keys.
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "epochs": 1,
-    "max_steps": None,
-    "batch_size": 128,
-    "micro_batch_size": 16,
-    "optimizer": {"betas": [0.9, 0.999], "weight_decay": 0.01, "eps": 1e-8},
-    "schedule": "cosine",
-    "warmup_ratio": 0.03,
-    "min_lr": 1e-8,
-    "max_grad_norm": 1.0,
-    "max_length": 256,
-    "checkpoint_every": 100,
-    "gradient_checkpointing": False,
-    "data_fraction": 1.0,
-    "mask": "prefix",
-    "noise": 0.0,
-    "peft": None,
-}
-
-# Keys that only affect *how* a stage is computed, not its result: they stay out of the hash.
-NON_SEMANTIC_KEYS = ("checkpoint_every",)
+from vlalign.runs.settings import TRAIN_DEFAULTS as TRAIN_DEFAULTS  # re-exported (tests, scripts)
+from vlalign.runs.settings import StageSettings, resolve
 
 
 @dataclass
 class StageNode:
     hash: str
     name: str
-    settings: dict[str, Any]  # train defaults merged with the stage's own keys and overrides
+    resolved: StageSettings  # TRAIN_DEFAULTS < train: < the stage < the run's overrides, checked
     parent: str | None  # parent stage hash; None = start from the backbones
     seed: int
     dataset: str
     feature_key: str | None  # frozen-feature cache to read, or None (read images)
     chain: list[str] = field(default_factory=list)  # stage names up to and including this one
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The resolved settings as the job receives them (a fresh plain dict: JSON-able)."""
+        return self.resolved.to_dict()
 
 
 @dataclass
@@ -73,10 +57,9 @@ def pretraining_data(config: dict[str, Any], kind: str) -> list[dict[str, Any]]:
     """Identities of the data a tiny backbone (or the trained tokenizer) learns from."""
     names: list[str] = []
     if kind in ("vision", "lm") and config[kind]["source"] == "tiny":
-        pre = config[kind]["pretrain"]
-        names = list(pre["datasets"])
-    if kind == "tokenizer" and config["tokenizer"].get("source", "train") == "train":
-        names = list(config["tokenizer"].get("corpus", []))
+        names = list(config[kind]["pretrain"]["datasets"])
+    if kind == "tokenizer" and config["tokenizer"]["source"] == "train":
+        names = list(config["tokenizer"]["corpus"])
     return [data_identity(config, n) for n in names]
 
 
@@ -87,7 +70,7 @@ def feature_key(config: dict[str, Any], dataset: str) -> str:
         {
             "encoder": config["vision"],
             "pretrain": pretraining_data(config, "vision"),
-            "dtype": config.get("features", {}).get("dtype", "float32"),
+            "dtype": config["features"]["dtype"],
             "data": data_identity(config, dataset),
         }
     )
@@ -99,8 +82,11 @@ def backbone_identity(config: dict[str, Any]) -> dict[str, Any]:
     return ident
 
 
-def resolve_stage(config: dict[str, Any], item: str | dict[str, Any]) -> tuple[str, dict]:
-    """A chain item (stage name or ``{stage: name, **overrides}``) → (name, settings)."""
+def resolve_stage_settings(
+    config: dict[str, Any], item: str | dict[str, Any]
+) -> tuple[str, StageSettings, int | None]:
+    """A chain item (stage name or ``{stage: name, **overrides}``) → (name, its checked
+    settings, its pinned seed or None). ConfigError names the stage and the key."""
     if isinstance(item, str):
         name, overrides = item, {}
     else:
@@ -108,15 +94,22 @@ def resolve_stage(config: dict[str, Any], item: str | dict[str, Any]) -> tuple[s
         name = overrides.pop("stage")
     if name not in config["stages"]:
         raise ConfigError(f"runs: unknown stage {name!r} (known: {sorted(config['stages'])})")
-    settings = deep_merge(TRAIN_DEFAULTS, config["train"])
-    settings = deep_merge(settings, config["stages"][name])
-    settings = deep_merge(settings, overrides)
-    if settings["dataset"] not in config["datasets"]:
+    settings, seed = resolve(
+        config["train"], config["stages"][name], overrides, where=f"stages.{name}"
+    )
+    if settings.dataset not in config["datasets"]:
         raise ConfigError(
-            f"stages.{name}.dataset: unknown dataset {settings['dataset']!r} "
+            f"stages.{name}.dataset: unknown dataset {settings.dataset!r} "
             f"(known: {sorted(config['datasets'])})"
         )
-    return name, settings
+    return name, settings, seed
+
+
+def resolve_stage(config: dict[str, Any], item: str | dict[str, Any]) -> tuple[str, dict]:
+    """(name, settings as a job receives them): :func:`resolve_stage_settings` in plain form,
+    for scripts that adjust a stage (bench/); the pinned seed is left out."""
+    name, settings, _ = resolve_stage_settings(config, item)
+    return name, settings.to_dict()
 
 
 def set_path(settings: dict[str, Any], dotted: str, value: Any) -> None:
@@ -137,7 +130,7 @@ def expand_grid(gname: str, grid: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """A sweep: the cartesian product of ``axes`` over a chain. An axis key is
     ``<stage>.<dotted.setting>`` (every occurrence of that stage in the chain) or
     ``*.<setting>`` (every stage); each cell becomes the run ``<grid>-<label>``."""
-    axes = grid.get("axes", {})
+    axes = grid.get("axes", {})  # optional: no axes, one cell
     names = [s if isinstance(s, str) else s["stage"] for s in grid["chain"]]
     for key in axes:
         stage, _, path = key.partition(".")
@@ -165,8 +158,8 @@ def expand_grid(gname: str, grid: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def all_runs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """``runs:`` plus every cell of every ``grids:`` entry, ``after:`` resolved."""
-    runs = {name: dict(spec) for name, spec in config.get("runs", {}).items()}
-    for gname, grid in config.get("grids", {}).items():
+    runs = {name: dict(spec) for name, spec in config["runs"].items()}
+    for gname, grid in config["grids"].items():
         for name, spec in expand_grid(gname, grid).items():
             if name in runs:
                 raise ConfigError(f"grids.{gname}: run {name!r} already exists")
@@ -184,7 +177,7 @@ def full_chain(runs: dict[str, dict[str, Any]], name: str, seen: tuple = ()) -> 
         raise ConfigError(f"runs.{name}.after: unknown run {base!r}")
     if base in seen:
         raise ConfigError(f"runs.{name}.after: cycle through {base!r}")
-    seed = runs[base].get("seeds", [0])[0]
+    seed = runs[base]["seeds"][0]
     pinned = [
         {**({"stage": item} if isinstance(item, str) else item), "seed": seed}
         if not (isinstance(item, dict) and "seed" in item)
@@ -196,41 +189,42 @@ def full_chain(runs: dict[str, dict[str, Any]], name: str, seen: tuple = ()) -> 
 
 def run_eval_settings(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     """The eval section with a run's own ``eval:`` overrides."""
-    return deep_merge(config.get("eval", {}), spec.get("eval", {}))
+    return deep_merge(config["eval"], spec.get("eval", {}))  # a run's eval: is optional
 
 
 def plan(config: dict[str, Any]) -> tuple[dict[str, StageNode], dict[str, RunNode]]:
+    """Every run instance and the distinct stages they need, each stage's settings resolved
+    and checked once (ConfigError names the run, the stage and the key)."""
     stages: dict[str, StageNode] = {}
     runs: dict[str, RunNode] = {}
     for run_name, spec in all_runs(config).items():
-        for seed in spec.get("seeds", [0]):
+        for seed in spec["seeds"]:
             parent: str | None = None
             vision_trained = False
             chain_names: list[str] = []
             hashes: list[str] = []
             for item in spec["chain"]:
-                name, settings = resolve_stage(config, item)
+                try:
+                    name, settings, stage_seed = resolve_stage_settings(config, item)
+                except ConfigError as e:
+                    raise ConfigError(f"runs.{run_name}: {e}") from None
                 chain_names.append(name)
                 # A stage may pin its seed (e.g. a shared base alignment under a multi-seed
                 # PEFT grid); otherwise it trains with the run's seed.
-                stage_seed = settings.pop("seed", None)
                 stage_seed = seed if stage_seed is None else stage_seed
-                semantic = {k: v for k, v in settings.items() if k not in NON_SEMANTIC_KEYS}
                 h = stable_hash(
                     {
                         "parent": parent if parent else backbone_identity(config),
-                        "stage": semantic,
-                        "data": data_identity(config, settings["dataset"]),
+                        "stage": settings.semantic(),
+                        "data": data_identity(config, settings.dataset),
                         "seed": stage_seed,
                     }
                 )
                 # The cache holds the *pre-trained* encoder's features: once a stage has
                 # trained the encoder, later stages must read images.
-                frozen = settings["lr"].get("vision", 0) == 0
+                frozen = settings.lr["vision"] == 0
                 fkey = (
-                    feature_key(config, settings["dataset"])
-                    if frozen and not vision_trained
-                    else None
+                    feature_key(config, settings.dataset) if frozen and not vision_trained else None
                 )
                 vision_trained = vision_trained or not frozen
                 stages.setdefault(
@@ -238,10 +232,10 @@ def plan(config: dict[str, Any]) -> tuple[dict[str, StageNode], dict[str, RunNod
                     StageNode(
                         h,
                         name,
-                        copy.deepcopy(settings),
+                        settings,
                         parent,
                         stage_seed,
-                        settings["dataset"],
+                        settings.dataset,
                         fkey,
                         list(chain_names),
                     ),
