@@ -29,6 +29,7 @@ from vlalign.runs.record import (
     before_peft,
     build_record,
     evaluate_params,
+    peft_summary,
     write_run_record,
 )
 
@@ -446,6 +447,17 @@ def test_record_from_the_plan_round_trips_through_run_json(tmp_path, monkeypatch
     assert record.method_order == "prefix+lora" and record.base_run == "prefix_lora"
     with pytest.raises(RunRecordError, match="no record fields"):
         write_run_record(tmp_path, {"run": "x_s0", "seed": 0, "chain": []})
+
+
+def test_peft_summary_order_and_prefix_length():
+    from vlalign.methods.prefix import PrefixMethod
+
+    chain = [{"peft": None}, {"peft": {"lora": {"r": 4}}}, {"peft": {"prefix": {"lr": 1e-3}}}]
+    summary = peft_summary(chain)
+    assert summary["order"] == "lora+prefix" and summary["methods"] == ["lora", "prefix"]
+    # no num_prefix in the block: the prefix method's own default, not a copy of it
+    assert summary["prefix_length"] == PrefixMethod.defaults["num_prefix"]
+    assert peft_summary([{"peft": {"prefix": {"num_prefix": 4}}}, {"peft": None}]) is None
 
 
 def test_version_1_run_json_is_read_with_derived_fields(tree):
