@@ -20,6 +20,7 @@ from train_fixtures import (
     TinyAssets,
     column,
     read_log,
+    stage_paths,
     stage_settings,
     subprocess_env,
     tiny_assets,
@@ -27,7 +28,14 @@ from train_fixtures import (
 )
 
 from vlalign.models.vlm import VisionLanguageModel
-from vlalign.train.loop import STATE_FILE
+from vlalign.train.loop import (
+    STATE_FILE,
+    build_session,
+    checkpoint_due,
+    resume,
+    train_step,
+    write_checkpoint,
+)
 from vlalign.train.optim import lr_lambdas
 
 TOTAL = 40  # 96 images / batch 16 = 6 steps per epoch: the run crosses several epochs
@@ -190,3 +198,28 @@ def test_checkpoint_from_other_settings_is_not_resumed_silently(assets, killed, 
     fs = lr_lambdas(groups, "cosine", TOTAL, warmup, SETTINGS["min_lr"])
     expect = [max(g["lr"] * f(s) for g, f in zip(groups, fs)) for s in range(TOTAL)]
     np.testing.assert_allclose(column(read_log(tmp_path / "stages" / "s"), "lr"), expect)
+
+
+def test_checkpoint_then_resume_round_trip_in_process(assets, tmp_path):
+    """The steps alone: a session checkpointed after 2 steps and a fresh session resumed from
+    that checkpoint take the same third step."""
+    paths = stage_paths(assets, tmp_path, "rt")
+    kw = {"name": "rt", "stage_hash": "rt", "seed": 0}
+    a = build_session(SETTINGS, paths, **kw)
+    assert resume(a) == (0, [])  # no checkpoint yet: from step 0
+    a.model.train()
+    rows = [train_step(a, step) for step in range(2)]
+    assert checkpoint_due(a, 2) and not checkpoint_due(a, 3) and not checkpoint_due(a, TOTAL)
+    write_checkpoint(a, 2, rows)
+    third_a = train_step(a, 2)  # the global RNG is where the checkpoint recorded it
+
+    b = build_session(SETTINGS, paths, **kw)
+    start, rows_b = resume(b)
+    assert start == 2 and rows_b == rows
+    b.model.train()
+    third_b = train_step(b, 2)
+    for key in ("loss", "lr", "grad_norm"):
+        assert third_b[key] == third_a[key], key
+    for (name, pa), (_, pb) in zip(a.unwrapped.named_parameters(), b.unwrapped.named_parameters()):
+        assert torch.equal(pa, pb), name
+    assert b.scheduler.last_epoch == a.scheduler.last_epoch == 3

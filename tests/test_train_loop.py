@@ -20,12 +20,25 @@ from train_fixtures import (
     train,
 )
 
+from vlalign.config import ConfigError
 from vlalign.data.tokenizer import load_tokenizer, vlm_token_ids
 from vlalign.models.backbones import load_image_processor, load_lm, load_vision
 from vlalign.models.vlm import VisionLanguageModel
+from vlalign.runs.settings import StageSettings
 from vlalign.train.data import StageExamples
 from vlalign.train.features import FeatureCache, build_feature_cache
-from vlalign.train.loop import heldout_loss, stage_examples
+from vlalign.train.loop import (
+    LOG_COLUMNS,
+    StepPlan,
+    batch_indices,
+    build_session,
+    epoch_order,
+    finish,
+    heldout_loss,
+    plan_steps,
+    stage_examples,
+    train_step,
+)
 from vlalign.train.optim import build_optimizer, lr_lambdas
 
 
@@ -85,6 +98,54 @@ def test_lr_zero_freezes_module(assets, tmp_path, lr, trained):
     assert result["trainable_pct"] == pytest.approx(100 * n_trained / n_total)
 
 
+# ------------------------------------------------------------------------------ the steps
+def test_plan_steps_from_batch_micro_batch_and_epochs():
+    settings = StageSettings.from_dict(stage_settings(micro_batch_size=4, epochs=2.5))
+    assert plan_steps(96, settings, 1, "s") == StepPlan(16, 4, 6, 15)
+    assert plan_steps(97, settings, 1, "s").steps_per_epoch == 7  # a short last batch
+    assert plan_steps(96, settings, 2, "s") == StepPlan(16, 4, 6, 15)  # 2 x 2 micro-batches
+    capped = StageSettings.from_dict(stage_settings(max_steps=4, micro_batch_size=32))
+    assert plan_steps(96, capped, 1, "s") == StepPlan(16, 16, 6, 4)  # max_steps wins
+    with pytest.raises(ValueError, match="micro_batch_size 4 x 3 processes"):
+        plan_steps(96, settings, 3, "s")
+
+
+def test_train_step_then_final_save(assets, tmp_path):
+    paths = stage_paths(assets, tmp_path, "s")
+    session = build_session(stage_settings(max_steps=1), paths, name="s", stage_hash="h", seed=0)
+    assert session.steps.total == 1 and session.peft is None
+    assert batch_indices(session, 1) == epoch_order(0, 0, session.subset)[16:32]
+    before = {n: p.detach().clone() for n, p in session.unwrapped.named_parameters()}
+    session.model.train()
+    row = train_step(session, 0)
+    assert set(row) == set(LOG_COLUMNS) and row["step"] == 1
+    assert math.isfinite(row["loss"]) and row["grad_norm"] > 0
+    assert row["lr"] == pytest.approx(1e-3)  # no warm-up step: round(0.1 x 1 step) = 0
+    after = dict(session.unwrapped.named_parameters())
+    moved = {n.split(".")[0] for n, p in after.items() if not torch.equal(p, before[n])}
+    assert moved == {"projector"}  # lr 0 froze vision and lm
+    assert session.scheduler.last_epoch == 1
+
+    paths.checkpoint_dir.mkdir(parents=True)  # a leftover checkpoint dir is removed
+    result = finish(session, [row])
+    assert sorted(p.name for p in paths.out.iterdir()) == ["model", "stage.json", "train_log.csv"]
+    assert json.loads((paths.out / "stage.json").read_text()) == json.loads(json.dumps(result))
+    assert result["settings"] == session.settings.to_dict() and result["steps"] == 1
+    assert read_log(paths.out)[0]["loss"] == pytest.approx(row["loss"])
+    assert not paths.checkpoint_dir.exists()
+
+
+@pytest.mark.parametrize("key", ["checkpoint_every", "warmup_ratio", "optimizer.eps"])
+def test_settings_without_a_default_raise_instead_of_falling_back(assets, tmp_path, key):
+    # the defaults live in TRAIN_DEFAULTS only: the trainer has none of its own
+    settings = stage_settings(max_steps=1)
+    section, _, sub = key.rpartition(".")
+    del (settings[section] if section else settings)[sub]
+    with pytest.raises(ConfigError, match=rf"stage s(\.{section})?: missing setting.*'{sub}'"):
+        train(assets, tmp_path, "s", settings)
+    assert not (tmp_path / "stages" / "s").exists()
+
+
 # ------------------------------------------------------------------------------ LR schedule
 def test_lr_lambdas_warmup_then_cosine_to_min_lr():
     groups = [{"lr": 1e-3}, {"lr": 5e-4}]
@@ -109,7 +170,9 @@ def test_lr_lambdas_warmup_then_cosine_to_min_lr():
 def test_scheduler_reaches_min_lr_after_total_steps():
     p = torch.nn.Parameter(torch.zeros(2, 2))
     groups = [{"params": [p], "lr": 2e-3, "weight_decay": 0.0}]
-    settings = {"warmup_ratio": 0.25, "min_lr": 1e-7, "schedule": "cosine"}
+    settings = StageSettings.from_dict(
+        stage_settings(warmup_ratio=0.25, min_lr=1e-7, schedule="cosine")
+    )
     optimizer, scheduler = build_optimizer(groups, settings, total=8)
     seen = []
     for _ in range(8):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from vlalign.config import deep_merge
-from vlalign.runs.plan import TRAIN_DEFAULTS
+from vlalign.runs.settings import TRAIN_DEFAULTS
 
 SPLITS = {"train": 96, "val": 16, "test": 16}
 VISION_CFG = {

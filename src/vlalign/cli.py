@@ -71,7 +71,7 @@ def cmd_backbone(args: argparse.Namespace) -> None:
         return
     from datasets import load_from_disk
 
-    seed = p.get("seed", 0)
+    seed = p["seed"]
     if args.kind == "vision":
         from datasets import DatasetDict, concatenate_datasets
 
@@ -81,14 +81,14 @@ def cmd_backbone(args: argparse.Namespace) -> None:
         )
         model = bb.build_tiny_vision(spec["config"], seed=seed)
         processor = bb.make_image_processor(model.config.image_size)
-        world = p.get("world", {})
+        world = p["world"]  # resolved by validate_config: every key has its value
         metrics = pretrain_vision(
             model,
             processor,
             data,
             spec["pretrain"],
-            grid=world.get("grid", 3),
-            max_objects=world.get("max_objects", 4),
+            grid=world["grid"],
+            max_objects=world["max_objects"],
             seed=seed,
         )
         bb.save_backbone(model, args.out, metrics, extra=[processor])
@@ -144,9 +144,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         log.info("launching on %d GPUs: %s", n_gpus, " ".join(argv))
         os.execvp(argv[0], argv)
 
+    from vlalign.runs.settings import StageSettings
     from vlalign.train.loop import StagePaths, train_stage
 
     p = args.params
+    # the plan's resolved settings, checked again (a hand-written --params gets the same checks)
+    settings = StageSettings.from_dict(p["settings"], where=f"stage {p['name']}")
     paths = StagePaths(
         out=Path(args.out),
         checkpoint_dir=Path(args.checkpoint_dir),
@@ -160,12 +163,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     from vlalign.methods.stage import peft_hook  # parent PEFT methods are re-attached, if any
 
     train_stage(
-        p["settings"],
+        settings,
         paths,
         name=p["name"],
         stage_hash=p["hash"],
         seed=p["seed"],
-        model_cfg=p.get("model", {}),
+        model_cfg=p.get("model"),  # None: the schema's model: defaults
         peft_hook=peft_hook,
     )
 

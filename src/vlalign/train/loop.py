@@ -18,7 +18,8 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,12 @@ from accelerate import Accelerator
 from datasets import load_from_disk
 from tqdm.auto import tqdm
 
+from vlalign.config import schema_defaults
 from vlalign.data.tokenizer import load_tokenizer, vlm_token_ids
 from vlalign.io_utils import atomic_path, stable_hash, write_json_atomic
 from vlalign.models.backbones import load_image_processor
 from vlalign.models.vlm import VisionLanguageModel
+from vlalign.runs.settings import StageSettings, as_stage_settings
 from vlalign.train.data import StageExamples, collate
 from vlalign.train.features import FeatureCache
 from vlalign.train.optim import build_optimizer, freeze_by_lr, param_groups
@@ -56,12 +59,17 @@ class StagePaths:
 
 
 def build_model(
-    settings: dict[str, Any], model_cfg: dict[str, Any], paths: StagePaths, tokenizer, seed: int
+    settings: StageSettings,
+    model_cfg: dict[str, Any],
+    paths: StagePaths,
+    tokenizer,
+    seed: int,
 ) -> VisionLanguageModel:
+    """The parent stage's model, or (first stage) the backbones with a fresh projector."""
     specials = vlm_token_ids(tokenizer)
     kwargs = dict(
-        attn_implementation=model_cfg.get("attn_implementation", "sdpa"),
-        mask_mode=settings["mask"],
+        attn_implementation=model_cfg["attn_implementation"],
+        mask_mode=settings.mask,
         protected_token_ids=sorted(set(specials.values())),
         noise_vocab_size=len(tokenizer),
     )
@@ -71,14 +79,14 @@ def build_model(
     return VisionLanguageModel.from_parts(
         paths.vision,
         paths.lm,
-        projector_kind=model_cfg.get("projector", "mlp2x_gelu"),
+        projector_kind=model_cfg["projector"],
         **kwargs,
-        **model_cfg.get("projector_kwargs", {}),
+        **model_cfg["projector_kwargs"],
     )
 
 
 def stage_examples(
-    paths: StagePaths, split: str, settings: dict[str, Any], tokenizer, processor
+    paths: StagePaths, split: str, settings: Mapping[str, Any], tokenizer, processor
 ) -> StageExamples:
     dsd = load_from_disk(str(paths.data))
     if split not in dsd:
@@ -167,12 +175,9 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def checkpoint_identity(stage_hash: str, settings: dict[str, Any]) -> dict[str, Any]:
+def checkpoint_identity(stage_hash: str, settings: StageSettings) -> dict[str, Any]:
     """What a checkpoint must match to be resumed (interval changes are harmless)."""
-    return {
-        "hash": stage_hash,
-        "settings": {k: v for k, v in settings.items() if k != "checkpoint_every"},
-    }
+    return {"hash": stage_hash, "settings": settings.semantic()}
 
 
 def save_checkpoint(
@@ -241,22 +246,72 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, float]:
     return trainable, 100.0 * trainable / total
 
 
-def train_stage(
-    settings: dict[str, Any],
-    paths: StagePaths,
-    *,
-    name: str,
-    stage_hash: str,
-    seed: int,
-    model_cfg: dict[str, Any] | None = None,
-    peft_hook=None,
-) -> dict[str, Any]:
-    """Train one stage and write ``paths.out`` (model/, train_log.csv, stage.json) atomically.
+# ---------------------------------------------------------------------------- the steps
+@dataclass(frozen=True)
+class StepPlan:
+    """How a stage's data becomes optimizer steps."""
 
-    ``peft_hook(model, settings, parent_dir)`` attaches PEFT methods and returns a
-    ``vlalign.methods.stage.PeftSession`` (or None for a plain stage)."""
-    model_cfg = model_cfg or {}
-    started = datetime.now(UTC).isoformat()
+    global_batch: int  # samples per optimizer step, over all processes
+    micro: int  # samples per forward / backward
+    steps_per_epoch: int
+    total: int  # optimizer steps of the stage
+
+
+def plan_steps(n_samples: int, settings: StageSettings, processes: int, name: str) -> StepPlan:
+    """The global batch is reached by gradient accumulation over micro-batches on every
+    process; ``max_steps`` (if set) overrides ``epochs``."""
+    global_batch = settings.batch_size
+    micro = min(settings.micro_batch_size, global_batch)
+    if global_batch % (micro * processes):
+        raise ValueError(
+            f"stage {name}: batch_size {global_batch} is not a multiple of "
+            f"micro_batch_size {micro} x {processes} processes"
+        )
+    steps_per_epoch = math.ceil(n_samples / global_batch)
+    total = settings.max_steps or math.ceil(settings.epochs * steps_per_epoch)
+    return StepPlan(global_batch, micro, steps_per_epoch, total)
+
+
+@dataclass
+class StageSession:
+    """What every step of one stage's training shares (built by :func:`build_session`)."""
+
+    name: str
+    stage_hash: str
+    seed: int
+    settings: StageSettings
+    paths: StagePaths
+    accelerator: Accelerator
+    tokenizer: Any
+    model: torch.nn.Module  # as prepared by accelerate (wrapped with several processes)
+    unwrapped: VisionLanguageModel
+    peft: Any  # vlalign.methods.stage.PeftSession, or None for a plain stage
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    trainable: list[torch.nn.Parameter]
+    processor: Any  # the image processor, or None when reading the frozen-feature cache
+    train: StageExamples
+    subset: list[int]
+    steps: StepPlan
+    n_trainable: int
+    trainable_pct: float
+    identity: dict[str, Any]  # what a checkpoint must match (checkpoint_identity)
+    started: str
+    n_image_tokens: int | None = None
+    order_epoch: int = -1  # the epoch whose data order is in ``order``
+    order: list[int] = field(default_factory=list)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def processes(self) -> int:
+        return self.accelerator.num_processes
+
+
+def make_accelerator() -> Accelerator:
+    """bf16 autocast and TF32 on a GPU that has them; full precision on CPU."""
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(
         mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
@@ -264,17 +319,44 @@ def train_stage(
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
+
+def build_session(
+    settings: StageSettings | Mapping[str, Any],
+    paths: StagePaths,
+    *,
+    name: str,
+    stage_hash: str,
+    seed: int,
+    model_cfg: dict[str, Any] | None = None,
+    peft_hook=None,
+) -> StageSession:
+    """Model (PEFT attached, modules frozen by LR 0), data, optimizer and schedule of a stage,
+    at step 0. ``settings`` must be complete (plain settings are checked by
+    :meth:`StageSettings.from_dict`); ``model_cfg`` None = the schema's ``model:`` defaults."""
+    settings = as_stage_settings(settings, f"stage {name}")
+    model_cfg = schema_defaults("model") if model_cfg is None else model_cfg
+    if paths.features is not None and settings.lr["vision"] > 0:
+        raise ValueError(
+            f"stage {name}: a frozen-feature cache ({paths.features}) cannot train "
+            "the vision encoder (lr.vision > 0); read images instead"
+        )
+    started = datetime.now(UTC).isoformat()
+    accelerator = make_accelerator()
+    # The order of everything below fixes what the global RNG gives each draw: keep it.
+    seed_everything(seed)
     tokenizer = load_tokenizer(paths.tokenizer)
-    pad_id = tokenizer.pad_token_id
     model = build_model(settings, model_cfg, paths, tokenizer, seed)
-    freeze_by_lr(model, settings["lr"])
-    peft = peft_hook(model, settings, paths.parent) if peft_hook else None
-    extra = peft.groups if peft else None
-    if settings.get("gradient_checkpointing"):
+    freeze_by_lr(model, settings.lr)
+    peft = peft_hook(model, settings.to_dict(), paths.parent) if peft_hook else None
+    if settings.gradient_checkpointing:
         for part in (model.lm, model.vision):
             if any(p.requires_grad for p in part.parameters()):
                 part.gradient_checkpointing_enable(
@@ -282,155 +364,175 @@ def train_stage(
                 )
     n_trainable, pct = peft.count_trainable(model) if peft else count_parameters(model)
 
-    if paths.features is not None and float(settings["lr"].get("vision", 0)) > 0:
-        raise ValueError(
-            f"stage {name}: a frozen-feature cache ({paths.features}) cannot train "
-            "the vision encoder (lr.vision > 0); read images instead"
-        )
     processor = load_image_processor(paths.vision) if paths.features is None else None
     train = stage_examples(paths, "train", settings, tokenizer, processor)
-    subset = data_subset(len(train), settings.get("data_fraction", 1.0), seed)
-
-    world = accelerator.num_processes
-    global_batch = settings["batch_size"]
-    micro = min(settings["micro_batch_size"], global_batch)
-    if global_batch % (micro * world):
-        raise ValueError(
-            f"stage {name}: batch_size {global_batch} is not a multiple of "
-            f"micro_batch_size {micro} x {world} processes"
-        )
-    steps_per_epoch = math.ceil(len(subset) / global_batch)
-    total = settings.get("max_steps") or math.ceil(settings["epochs"] * steps_per_epoch)
+    subset = data_subset(len(train), settings.data_fraction, seed)
+    steps = plan_steps(len(subset), settings, accelerator.num_processes, name)
 
     groups = param_groups(
-        model, settings["lr"], settings.get("optimizer", {}).get("weight_decay", 0.0), extra
+        model, settings.lr, settings.optimizer.weight_decay, peft.groups if peft else None
     )
-    optimizer, scheduler = build_optimizer(groups, settings, total)
+    optimizer, scheduler = build_optimizer(groups, settings, steps.total)
     trainable = [p for g in groups for p in g["params"]]
     model, optimizer = accelerator.prepare(model, optimizer)
-    device = accelerator.device
-
-    start_step, rows = 0, []
-    identity = checkpoint_identity(stage_hash, settings)
-    if (paths.checkpoint_dir / STATE_FILE).exists():
-        start_step, rows = load_checkpoint(
-            paths.checkpoint_dir,
-            accelerator.unwrap_model(model),
-            optimizer,
-            scheduler,
-            peft,
-            identity,
-        )
-        log.info(
-            "stage %s: resuming from step %d/%d (%s)", name, start_step, total, paths.checkpoint_dir
-        )
-    unwrapped = accelerator.unwrap_model(model)
-    n_img_tokens = None
-    model.train()
-    bar = tqdm(
-        range(start_step, total),
-        desc=f"{name} [{stage_hash}]",
-        initial=start_step,
-        total=total,
-        mininterval=2,
-        disable=not accelerator.is_main_process,
+    return StageSession(
+        name=name,
+        stage_hash=stage_hash,
+        seed=seed,
+        settings=settings,
+        paths=paths,
+        accelerator=accelerator,
+        tokenizer=tokenizer,
+        model=model,
+        unwrapped=accelerator.unwrap_model(model),
+        peft=peft,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        trainable=trainable,
+        processor=processor,
+        train=train,
+        subset=subset,
+        steps=steps,
+        n_trainable=n_trainable,
+        trainable_pct=pct,
+        identity=checkpoint_identity(stage_hash, settings),
+        started=started,
     )
-    order_epoch, order = -1, []
-    for step in bar:
-        t0 = time.perf_counter()
-        epoch, pos = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:  # the order is a function of (seed, epoch): resumable
-            train.set_epoch(epoch)
-            order_epoch, order = epoch, epoch_order(seed, epoch, subset)
-        batch_idx = order[pos * global_batch : (pos + 1) * global_batch]
-        local = batch_idx[accelerator.process_index :: world]
-        micro_batches = [
-            collate([train[i] for i in local[j : j + micro]], pad_id)
-            for j in range(0, len(local), micro)
-        ]
-        n_sup = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
-        if n_sup == 0:
-            raise RuntimeError(
-                f"stage {name}: the batch of step {step} has no supervised tokens (all labels "
-                "are -100): the text format or truncation (max_length) drops every target"
-            )
-        loss_sum, n_tokens = 0.0, 0
-        for k, batch in enumerate(micro_batches):
-            batch = _to(batch, device)
-            n = int((batch["labels"] != -100).sum())
-            noise_gen = torch.Generator(device="cpu").manual_seed(seed * 7_919 + step * 131 + k)
-            last = k == len(micro_batches) - 1
-            ctx = accelerator.no_sync(model) if not last and world > 1 else contextlib.nullcontext()
-            with ctx, accelerator.autocast():
-                extra_kw = peft.forward_kwargs(len(batch["input_ids"])) if peft else {}
-                out = model(
-                    **batch,
-                    noise_fraction=settings.get("noise", 0.0),
-                    generator=noise_gen,
-                    **extra_kw,
-                )
-                loss = out.loss * (n / n_sup)  # token-weighted mean over the global batch
-                accelerator.backward(loss)
-            loss_sum += out.loss.detach().item() * n
-            n_img_tokens = out.num_image_tokens
-            n_tokens += int(batch["attention_mask"].sum()) + out.num_image_tokens * len(
-                batch["input_ids"]
-            )
-        max_norm = settings.get("max_grad_norm") or float("inf")
-        grad_norm = float(accelerator.clip_grad_norm_(trainable, max_norm))
-        lr_now = max(g["lr"] for g in optimizer.param_groups)  # the LR this step used
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        rows.append(
-            {
-                "step": step + 1,
-                "loss": loss_sum / n_sup,
-                "lr": lr_now,
-                "grad_norm": grad_norm,
-                "tokens_per_s": n_tokens * world / dt,
-                "samples_per_s": len(batch_idx) / dt,
-            }
-        )
-        bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", refresh=False)
-        done = step + 1
-        if done % settings.get("checkpoint_every", 50) == 0 and done < total:
-            if accelerator.is_main_process:
-                save_checkpoint(
-                    paths.checkpoint_dir,
-                    unwrapped,
-                    optimizer,
-                    scheduler,
-                    done,
-                    rows,
-                    peft,
-                    identity,
-                )
-            accelerator.wait_for_everyone()
 
+
+def resume(session: StageSession) -> tuple[int, list[dict]]:
+    """(first step to run, log rows so far): the checkpoint's, or (0, []) without one."""
+    if not (session.paths.checkpoint_dir / STATE_FILE).exists():
+        return 0, []
+    start_step, rows = load_checkpoint(
+        session.paths.checkpoint_dir,
+        session.unwrapped,
+        session.optimizer,
+        session.scheduler,
+        session.peft,
+        session.identity,
+    )
+    log.info(
+        "stage %s: resuming from step %d/%d (%s)",
+        session.name,
+        start_step,
+        session.steps.total,
+        session.paths.checkpoint_dir,
+    )
+    return start_step, rows
+
+
+def batch_indices(session: StageSession, step: int) -> list[int]:
+    """The samples of optimizer step ``step`` (all processes): a function of (seed, step)."""
+    epoch, pos = divmod(step, session.steps.steps_per_epoch)
+    if epoch != session.order_epoch:  # the order is a function of (seed, epoch): resumable
+        session.train.set_epoch(epoch)
+        session.order_epoch = epoch
+        session.order = epoch_order(session.seed, epoch, session.subset)
+    gb = session.steps.global_batch
+    return session.order[pos * gb : (pos + 1) * gb]
+
+
+def train_step(session: StageSession, step: int) -> dict[str, float]:
+    """One optimizer step (gradient accumulation over micro-batches); → its log row."""
+    t0 = time.perf_counter()
+    acc, model, settings = session.accelerator, session.model, session.settings
+    world, micro = session.processes, session.steps.micro
+    batch_idx = batch_indices(session, step)
+    local = batch_idx[acc.process_index :: world]
+    micro_batches = [
+        collate([session.train[i] for i in local[j : j + micro]], session.pad_id)
+        for j in range(0, len(local), micro)
+    ]
+    n_sup = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
+    if n_sup == 0:
+        raise RuntimeError(
+            f"stage {session.name}: the batch of step {step} has no supervised tokens (all "
+            "labels are -100): the text format or truncation (max_length) drops every target"
+        )
+    loss_sum, n_tokens = 0.0, 0
+    for k, batch in enumerate(micro_batches):
+        batch = _to(batch, acc.device)
+        n = int((batch["labels"] != -100).sum())
+        noise_gen = torch.Generator(device="cpu").manual_seed(session.seed * 7_919 + step * 131 + k)
+        last = k == len(micro_batches) - 1
+        ctx = acc.no_sync(model) if not last and world > 1 else contextlib.nullcontext()
+        with ctx, acc.autocast():
+            extra_kw = session.peft.forward_kwargs(len(batch["input_ids"])) if session.peft else {}
+            out = model(**batch, noise_fraction=settings.noise, generator=noise_gen, **extra_kw)
+            loss = out.loss * (n / n_sup)  # token-weighted mean over the global batch
+            acc.backward(loss)
+        loss_sum += out.loss.detach().item() * n
+        session.n_image_tokens = out.num_image_tokens
+        n_tokens += int(batch["attention_mask"].sum()) + out.num_image_tokens * len(
+            batch["input_ids"]
+        )
+    max_norm = settings.max_grad_norm or float("inf")  # None: no clipping
+    grad_norm = float(acc.clip_grad_norm_(session.trainable, max_norm))
+    lr_now = max(g["lr"] for g in session.optimizer.param_groups)  # the LR this step used
+    session.optimizer.step()
+    session.scheduler.step()
+    session.optimizer.zero_grad(set_to_none=True)
+    dt = time.perf_counter() - t0
+    return {
+        "step": step + 1,
+        "loss": loss_sum / n_sup,
+        "lr": lr_now,
+        "grad_norm": grad_norm,
+        "tokens_per_s": n_tokens * world / dt,
+        "samples_per_s": len(batch_idx) / dt,
+    }
+
+
+def checkpoint_due(session: StageSession, done: int) -> bool:
+    """Every ``checkpoint_every`` steps, except after the last (the output follows)."""
+    return done % session.settings.checkpoint_every == 0 and done < session.steps.total
+
+
+def write_checkpoint(session: StageSession, done: int, rows: list[dict]) -> None:
+    """The state after ``done`` steps, written by the main process (atomically)."""
+    if session.accelerator.is_main_process:
+        save_checkpoint(
+            session.paths.checkpoint_dir,
+            session.unwrapped,
+            session.optimizer,
+            session.scheduler,
+            done,
+            rows,
+            session.peft,
+            session.identity,
+        )
+    session.accelerator.wait_for_everyone()
+
+
+def finish(session: StageSession, rows: list[dict]) -> dict[str, Any]:
+    """Held-out loss, then ``paths.out`` (model/, peft/, train_log.csv, stage.json) written
+    atomically and the checkpoint removed; → the stage.json dict ({} off the main process)."""
+    acc, paths, peft = session.accelerator, session.paths, session.peft
+    unwrapped = session.unwrapped
     result: dict[str, Any] = {}
-    if accelerator.is_main_process:
-        val = stage_examples(paths, "val", settings, tokenizer, processor)
+    if acc.is_main_process:
+        val = stage_examples(paths, "val", session.settings, session.tokenizer, session.processor)
+        total = session.steps.total
         result = {
-            "name": name,
-            "hash": stage_hash,
-            "seed": seed,
-            "settings": settings,
+            "name": session.name,
+            "hash": session.stage_hash,
+            "seed": session.seed,
+            "settings": session.settings.to_dict(),
             "parent": str(paths.parent) if paths.parent else None,
             "steps": total,
-            "epochs": total / steps_per_epoch,
-            "train_samples": len(subset),
-            "heldout_loss": heldout_loss(unwrapped, val, pad_id, peft=peft),
-            "trainable_params": n_trainable,
-            "trainable_pct": pct,
+            "epochs": total / session.steps.steps_per_epoch,
+            "train_samples": len(session.subset),
+            "heldout_loss": heldout_loss(unwrapped, val, session.pad_id, peft=peft),
+            "trainable_params": session.n_trainable,
+            "trainable_pct": session.trainable_pct,
             "peft": sorted(m.name for m in peft.methods) if peft else [],
-            "image_tokens": n_img_tokens,
-            "device": str(device),
-            "processes": world,
-            "mixed_precision": accelerator.mixed_precision,
+            "image_tokens": session.n_image_tokens,
+            "device": str(acc.device),
+            "processes": session.processes,
+            "mixed_precision": acc.mixed_precision,
             "feature_cache": str(paths.features) if paths.features else None,
-            "start": started,
+            "start": session.started,
             "end": datetime.now(UTC).isoformat(),
         }
         with atomic_path(paths.out, is_dir=True) as tmp:
@@ -443,11 +545,55 @@ def train_stage(
         shutil.rmtree(paths.checkpoint_dir, ignore_errors=True)
         log.info(
             "stage %s [%s]: %d steps, held-out loss %.4f -> %s",
-            name,
-            stage_hash,
+            session.name,
+            session.stage_hash,
             total,
             result["heldout_loss"],
             paths.out,
         )
-    accelerator.wait_for_everyone()
+    acc.wait_for_everyone()
     return result
+
+
+def train_stage(
+    settings: StageSettings | Mapping[str, Any],
+    paths: StagePaths,
+    *,
+    name: str,
+    stage_hash: str,
+    seed: int,
+    model_cfg: dict[str, Any] | None = None,
+    peft_hook=None,
+) -> dict[str, Any]:
+    """Train one stage and write ``paths.out`` (model/, train_log.csv, stage.json) atomically,
+    resuming from ``paths.checkpoint_dir`` when a checkpoint is there.
+
+    ``settings``: a :class:`StageSettings`, or complete plain settings (checked by
+    :meth:`StageSettings.from_dict`). ``peft_hook(model, settings_dict, parent_dir)`` attaches
+    PEFT methods and returns a ``vlalign.methods.stage.PeftSession`` (or None for a plain
+    stage)."""
+    session = build_session(
+        settings,
+        paths,
+        name=name,
+        stage_hash=stage_hash,
+        seed=seed,
+        model_cfg=model_cfg,
+        peft_hook=peft_hook,
+    )
+    start_step, rows = resume(session)
+    session.model.train()
+    bar = tqdm(
+        range(start_step, session.steps.total),
+        desc=f"{name} [{stage_hash}]",
+        initial=start_step,
+        total=session.steps.total,
+        mininterval=2,
+        disable=not session.accelerator.is_main_process,
+    )
+    for step in bar:
+        rows.append(train_step(session, step))
+        bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", refresh=False)
+        if checkpoint_due(session, step + 1):
+            write_checkpoint(session, step + 1, rows)
+    return finish(session, rows)

@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-MODULES = ("vision", "projector", "lm")
+from vlalign.runs.settings import MODULES, StageSettings
 
 
-def freeze_by_lr(model: nn.Module, lr: dict[str, float]) -> None:
-    """A module whose learning rate is 0 (or absent) is frozen: no gradients, no optimizer state."""
+def freeze_by_lr(model: nn.Module, lr: Mapping[str, float]) -> None:
+    """A module whose learning rate is 0 is frozen: no gradients, no optimizer state. ``lr``
+    has every module of MODULES (resolved stage settings)."""
     for name in MODULES:
-        trainable = float(lr.get(name, 0.0)) > 0
+        trainable = float(lr[name]) > 0
         for p in getattr(model, name).parameters():
             p.requires_grad_(trainable)
 
 
 def param_groups(
-    model: nn.Module, lr: dict[str, float], weight_decay: float, extra: dict[str, Any] | None = None
+    model: nn.Module,
+    lr: Mapping[str, float],
+    weight_decay: float,
+    extra: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """One decay / no-decay pair of groups per trainable module (biases and norms: no decay).
 
@@ -40,7 +44,7 @@ def param_groups(
         ]
     seen: set[int] = set()
     for name, params in named.items():
-        if float(lrs.get(name, 0)) <= 0:
+        if float(lrs[name]) <= 0:
             continue
         params = [(n, p) for n, p in params if id(p) not in seen]
         seen.update(id(p) for _, p in params)
@@ -79,16 +83,14 @@ def lr_lambdas(
     return [make(g["lr"]) for g in groups]
 
 
-def build_optimizer(groups, settings: dict[str, Any], total: int):
-    opt_cfg = settings.get("optimizer", {})
-    optimizer = torch.optim.AdamW(
-        groups, betas=tuple(opt_cfg.get("betas", (0.9, 0.999))), eps=opt_cfg.get("eps", 1e-8)
-    )
-    warmup = round(settings.get("warmup_ratio", 0.0) * total)
+def build_optimizer(
+    groups: list[dict[str, Any]], settings: StageSettings, total: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over ``groups`` and the stage's warm-up + schedule over ``total`` steps."""
+    opt = settings.optimizer
+    optimizer = torch.optim.AdamW(groups, betas=opt.betas, eps=opt.eps)
+    warmup = round(settings.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lr_lambdas(
-            groups, settings.get("schedule", "cosine"), total, warmup, settings.get("min_lr", 1e-8)
-        ),
+        optimizer, lr_lambdas(groups, settings.schedule, total, warmup, settings.min_lr)
     )
     return optimizer, scheduler
