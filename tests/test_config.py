@@ -10,14 +10,17 @@ import pytest
 import yaml
 
 from vlalign.config import (
+    SCHEMA,
     ConfigError,
     deep_merge,
     load_config,
+    load_schema,
     load_yaml,
     parse_source,
+    schema_defaults,
     validate_config,
 )
-from vlalign.data.world import resolve_config
+from vlalign.data.world import SCENE_DEFAULTS, resolve_config, resolve_scene_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "config" / "config.yaml"
@@ -194,6 +197,36 @@ def test_tiny_backbone_without_config_is_caught_up_front(kind: str) -> None:
     assert isinstance(out[kind].get("config"), dict)  # or a default is filled in
 
 
+# ------------------------------------------------------------------------------ one home
+def test_world_keys_defaults_and_ranges_have_one_home() -> None:
+    # the schema defers the world section to the generator's own resolution
+    assert "properties" not in load_schema()["properties"]["world"]
+    assert load_config(DEFAULT)["world"] == {**SCENE_DEFAULTS, **load_yaml(DEFAULT)["world"]}
+    # a bound that depends on another key: the same check up front and in the generator
+    cfg = load_config(DEFAULT, {"world": {"grid": 4, "max_objects": 16, "image_size": 32}})
+    assert resolve_scene_config(cfg["world"]) == cfg["world"]
+    for world, key in [({"max_objects": 10}, "max_objects"), ({"captions_per_image": 4},
+                       "captions_per_image"), ({"image_size": 2000}, "image_size")]:  # fmt: skip
+        with pytest.raises(ValueError, match=key) as direct:
+            resolve_scene_config(world)
+        with pytest.raises(ConfigError) as upfront:
+            load_config(DEFAULT, {"world": world})
+        assert str(direct.value) in str(upfront.value)
+
+
+def test_schema_ships_in_the_package_and_fills_model_defaults() -> None:
+    import vlalign
+
+    assert Path(str(SCHEMA)).is_file()
+    assert Path(str(SCHEMA)).parent.parent == Path(vlalign.__file__).parent  # not a repo file
+    common = (REPO / "workflow" / "rules" / "common.smk").read_text()
+    # the Snakefile validates through the same function, hence the same packaged file
+    assert "validate_config(config" in common and "validate(config" not in common
+    minimal = load_yaml(DEFAULT)
+    del minimal["model"]
+    assert validate_config(minimal)["model"] == schema_defaults("model")
+
+
 # ------------------------------------------------------------------------------ files
 def test_missing_config_file_named(tmp_path: Path) -> None:
     path = tmp_path / "nope.yaml"
@@ -313,3 +346,29 @@ def test_snakemake_dry_run_paper_recipe_offline(snakemake, tmp_path: Path) -> No
     # The recipe replaces the default config: no synthetic world leaks in.
     assert f"{results}/data/world" not in proc.stdout
     assert not results.exists()  # a dry run writes nothing
+
+
+def test_snakemake_dry_run_rejects_a_typo_in_a_peft_block(snakemake, tmp_path: Path) -> None:
+    # LoRA's rank is `r`: the dry run must fail naming the stage, the method and the key, not
+    # the job after the four alignment stages have trained
+    bad = write_yaml(tmp_path / "bad.yaml", {"stages": {"ft_lora": {
+        "peft": {"lora": {"lr": 2.0e-3, "rank": 16}}}}})  # fmt: skip
+    results = tmp_path / "results"
+    proc = snakemake(
+        ["-n", "all", "--configfile", str(DEFAULT), str(bad), "--config", f"results_dir={results}"]
+    )
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert "stages.ft_lora.peft.lora" in proc.stdout and "'rank'" in proc.stdout
+    assert "Job stats" not in proc.stdout
+    assert not results.exists()
+
+
+def test_snakemake_dry_run_rejects_a_peft_block_without_lr(snakemake, tmp_path: Path) -> None:
+    cfg = load_yaml(DEFAULT)
+    cfg["stages"]["ft_lora"]["peft"]["lora"].pop("lr")
+    bad = write_yaml(tmp_path / "no_lr.yaml", cfg)
+    results = tmp_path / "results"
+    proc = snakemake(["-n", "all", "--configfile", str(bad), "--config", f"results_dir={results}"])
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert "stages.ft_lora.peft.lora: needs an 'lr'" in proc.stdout
+    assert "Job stats" not in proc.stdout
