@@ -3,6 +3,7 @@ pycocoevalcap (Java), real VQA accuracy and effective rank."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -22,7 +23,9 @@ from vlalign.data.text_formats import (
 from vlalign.data.tokenizer import corpus_texts, save_tokenizer, train_tokenizer, vlm_token_ids
 from vlalign.data.world import generate_world
 from vlalign.eval.caption_metrics import spice_missing_reason
-from vlalign.eval.runner import EvalInputError, evaluate_run, reference_rank_curve
+from vlalign.eval.job import EvalJob, merge_metrics, variant_records
+from vlalign.eval.runner import EvalInputError, EvalSettings, evaluate_run, reference_rank_curve
+from vlalign.methods.stage import InferenceVariant
 from vlalign.models.backbones import build_tiny_lm, build_tiny_vision, make_image_processor
 from vlalign.models.vlm import VisionLanguageModel
 
@@ -53,11 +56,17 @@ def world(tmp_path_factory) -> dict[str, Path]:
             "dsd": dsd, "tokenizer": tok}
 
 
+SETTINGS = {f.name for f in dataclasses.fields(EvalSettings)}
+
+
 def _eval(world, out: Path, model_dir: Path | None = None, **kw) -> dict:
-    args = {"run": "r0", "stage": "stage1", "dataset": "world", "num_beams": 1,
-            "max_new_tokens": 20, "batch_size": 8, "rank_samples": 6, **kw}
+    """evaluate_run with small settings; ``kw``: EvalSettings fields or evaluate_run's own."""
+    settings = {"num_beams": 1, "max_new_tokens": 20, "batch_size": 8, "rank_samples": 6,
+                **{k: v for k, v in kw.items() if k in SETTINGS}}
+    args = {"run": "r0", "stage": "stage1", "dataset": "world",
+            **{k: v for k, v in kw.items() if k not in SETTINGS}}
     return evaluate_run(model_dir or world["model"], world["data"], world["tok"],
-                        world["vision"], out, **args)
+                        world["vision"], out, settings=EvalSettings(**settings), **args)
 
 
 # ------------------------------------------------------------------------------- prompts
@@ -175,7 +184,61 @@ def test_empty_split_and_missing_references(world, tmp_path):
         str(tmp_path / "noqa"))
     with pytest.raises(EvalInputError, match="no qa pairs"):
         evaluate_run(world["model"], tmp_path / "noqa", world["tok"], world["vision"],
-                     tmp_path / "o3", run="r", stage="s", dataset="d", task="vqa")
+                     tmp_path / "o3", run="r", stage="s", dataset="d",
+                     settings=EvalSettings(task="vqa"))
+
+
+# ------------------------------------------------------------------------------- job steps
+def test_eval_settings_from_the_eval_block():
+    block = {"split": "val", "task": "both", "num_beams": 2, "max_new_tokens": 9,
+             "batch_size": 4, "spice": "off", "rank_samples": 8, "rank_text_tokens": 16,
+             "prefix_variants": ["normal", "noise"]}
+    s = EvalSettings.from_params(block)
+    assert (s.split, s.task, s.num_beams, s.rank_text_tokens) == ("val", "both", 2, 16)
+    assert s.variants == ("normal", "noise") and s.mask_mode is None
+    assert EvalSettings.from_params({}) == EvalSettings()  # omitted keys: the defaults
+    with pytest.raises(ValueError, match=r"eval\.beams: unknown.*'num_beams'.*'prefix_variants'"):
+        EvalSettings.from_params({"beams": 2})
+    with pytest.raises(ValueError, match="eval.task must be one of"):
+        EvalSettings(task="retrieval")
+    with pytest.raises(ValueError, match="eval.batch_size must be >= 1, got 0"):
+        EvalSettings(batch_size=0)
+
+
+def test_eval_job_from_params_checks_its_inputs(tmp_path):
+    params = {"run": "r_s0", "seed": 1, "datasets": ["a", "b"], "eval": {"task": "vqa"},
+              "config": {"stages": [{"text": "qa"}, {"text": "recaption", "max_length": 99}]}}
+    job = EvalJob.from_params(params, data=["da", "db"], tokenizer="t", vision="v",
+                              out_dir=tmp_path)
+    assert job.datasets == (("a", Path("da")), ("b", Path("db")))
+    assert (job.seed, job.text_kind, job.text_max_length) == (1, "recaption", 99)
+    assert job.settings == EvalSettings(task="vqa")
+    with pytest.raises(ValueError, match=r"--data has 1 paths for datasets \['a', 'b'\]"):
+        EvalJob.from_params(params, data=["da"], tokenizer="t", vision="v", out_dir=tmp_path)
+    with pytest.raises(ValueError, match="missing key 'seed'"):
+        EvalJob.from_params({k: v for k, v in params.items() if k != "seed"}, data=["da", "db"],
+                            tokenizer="t", vision="v", out_dir=tmp_path)
+
+
+def test_merge_and_variant_records():
+    def rec(metric, stage="ft"):
+        return {"run": "r", "stage": stage, "dataset": "d", "split": "test", "metric": metric,
+                "value": 1.0, "decoding": {"num_beams": 1, "task": "caption"}}
+
+    first = {"records": [rec("CIDEr")], "missing": [{"metric": "SPICE", "reason": "jars"}]}
+    more = {"records": [rec("VQA_acc")], "missing": [{"metric": "SPICE", "reason": "jars"},
+                                                     {"metric": "CHAIR_i", "reason": "x"}]}
+    merged = merge_metrics(first, more)
+    assert [r["metric"] for r in merged["records"]] == ["CIDEr", "VQA_acc"]
+    assert [m["metric"] for m in merged["missing"]] == ["SPICE", "CHAIR_i"]  # once each
+
+    variant = InferenceVariant("prefix", "noise")
+    rows = variant_records({"records": [rec("CIDEr"), rec("effective_rank_0.9")]}, variant)
+    assert rows == [{**rec("CIDEr"), "stage": "ft@prefix_noise",
+                     "decoding": {"num_beams": 1, "task": "caption", "prefix_variant": "noise"}}]
+    # key order as written before (stage in place, the variant last in decoding)
+    assert list(rows[0]) == list(rec("CIDEr")) and list(rows[0]["decoding"])[-1] == (
+        "prefix_variant")
 
 
 # ------------------------------------------------------------------------------- real signal

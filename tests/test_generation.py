@@ -1,5 +1,5 @@
 """Cached generation (image block prefilled under the stage mask) against the no-cache ground
-truth; beams; batch == per-sample; KV-prefix hook."""
+truth; beams; batch == per-sample; inference inputs (a K/V prefix cache) of PEFT methods."""
 
 from __future__ import annotations
 
@@ -33,20 +33,22 @@ def make_vlm(impl: str = "sdpa") -> VisionLanguageModel:
     return vlm.eval()
 
 
-def prefix_cache_fn(p: int = 3):
+def prefix_inputs(p: int = 3):
+    """``B → {"past_key_values": a fresh cache of p random K/V positions}``, the inference inputs
+    a prefix-tuned model's session supplies."""
     g = torch.Generator().manual_seed(1)
     kv = [
         (torch.randn(1, 2, p, 16, generator=g), torch.randn(1, 2, p, 16, generator=g))
         for _ in range(LM_CFG.num_hidden_layers)
     ]
 
-    def fn(batch: int) -> DynamicCache:
-        return DynamicCache(
+    def fn(batch: int) -> dict[str, DynamicCache]:
+        return {"past_key_values": DynamicCache(
             [
                 (k.expand(batch, -1, -1, -1).clone(), v.expand(batch, -1, -1, -1).clone())
                 for k, v in kv
             ]
-        )
+        )}
 
     return fn
 
@@ -75,9 +77,9 @@ def gen(model, feats, prompts=PROMPTS, **kw):
 @pytest.mark.parametrize("with_prefix", [False, True], ids=["no_kv_prefix", "kv_prefix"])
 def test_cached_greedy_equals_recomputation(models, feats, impl, mode, with_prefix):
     model = models[impl]
-    fn = prefix_cache_fn() if with_prefix else None
-    cached = gen(model, feats, mask_mode=mode, prefix_cache_fn=fn)
-    truth = gen(model, feats, mask_mode=mode, prefix_cache_fn=fn, use_cache=False)
+    fn = prefix_inputs() if with_prefix else None
+    cached = gen(model, feats, mask_mode=mode, inputs=fn)
+    truth = gen(model, feats, mask_mode=mode, inputs=fn, use_cache=False)
     assert cached == truth
     assert len(cached) == len(PROMPTS)
     assert all(len(row) <= MAX_NEW and EOS not in row for row in cached)
@@ -88,7 +90,7 @@ def test_generation_depends_on_mode_and_prefix(models, feats):
     m = models["sdpa"]
     causal = gen(m, feats, mask_mode="causal", use_cache=False)
     prefix = gen(m, feats, mask_mode="prefix", use_cache=False)
-    with_kv = gen(m, feats, mask_mode="prefix", prefix_cache_fn=prefix_cache_fn(), use_cache=False)
+    with_kv = gen(m, feats, mask_mode="prefix", inputs=prefix_inputs(), use_cache=False)
     assert causal != prefix
     assert prefix != with_kv
 
@@ -111,7 +113,7 @@ def test_batch_equals_per_sample(models, feats, num_beams):
 
 def test_beam_search_runs(models, feats):
     m = models["sdpa"]
-    beams = gen(m, feats, mask_mode="prefix", num_beams=3, prefix_cache_fn=prefix_cache_fn())
+    beams = gen(m, feats, mask_mode="prefix", num_beams=3, inputs=prefix_inputs())
     assert len(beams) == len(PROMPTS)
     assert all(isinstance(t, int) and 0 <= t < 64 for row in beams for t in row)
     assert all(0 < len(row) <= MAX_NEW for row in beams if EOS not in row)
@@ -153,3 +155,12 @@ def test_pixel_values_and_errors(models):
         generate(m, pixels, [[3], [4]], num_beams=2, use_cache=False)
     with pytest.raises(ValueError, match="prompt_ids is required"):
         generate(m, pixels)
+
+
+def test_inputs_other_than_a_cache_are_refused(models, feats):
+    # generation hands only past_key_values to the model: another input must not be dropped
+    with pytest.raises(ValueError, match=r"\['gate'\].*only past_key_values"):
+        gen(models["sdpa"], feats, inputs=lambda b: {"gate": 1.0})
+    # no cache (e.g. a removed prefix) is the plain model
+    plain = gen(models["sdpa"], feats, mask_mode="prefix")
+    assert gen(models["sdpa"], feats, mask_mode="prefix", inputs=lambda b: {}) == plain

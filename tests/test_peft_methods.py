@@ -1,6 +1,6 @@
 """PEFT methods for PT-PEFT on a tiny Qwen2 LM: prefix encoder (GQA K/V, frozen prefixes,
 cached generation, inference variants), LoRA, S-/P-Adapter, full FT, registry, composition,
-trainable counts and save/load round trips."""
+trainable counts, save/load round trips and removal."""
 
 from __future__ import annotations
 
@@ -22,12 +22,13 @@ from vlalign.methods import (
     forward_kwargs,
     get_method,
     load_methods,
-    load_prefix,
+    merge_inputs,
     prefix_position_ids,
     prefix_variant,
     save_methods,
 )
-from vlalign.methods.registry import PeftMethod
+from vlalign.methods.registry import PeftMethod, owner
+from vlalign.methods.stage import PeftSession
 
 torch.set_num_threads(1)
 
@@ -169,11 +170,20 @@ def test_frozen_prefix_equals_encoder_and_variants():
             assert abs(got.std() / ref.std() - 1) < 0.15
     with pytest.raises(ValueError, match="unknown prefix variant"):
         prefix_variant(frozen, "zeros")
-    assert prefix.variant_cache_fn("removed") is None
-    normal = prefix.variant_cache_fn("normal")(2)
+    # the method's inference inputs per variant
+    assert prefix.variants == ("removed", "noise")
+    assert prefix.inference_state(2, "removed") == {}
+    normal = prefix.inference_state(2, "normal")["past_key_values"]
     assert torch.equal(normal.layers[1].values, prefix.cache_fn(2).layers[1].values)
-    noisy = prefix.variant_cache_fn("noise")
-    assert torch.equal(noisy(2).layers[0].keys, noisy(2).layers[0].keys)  # drawn once
+    assert torch.equal(prefix_variant(frozen, "normal")(2).layers[1].values,
+                       normal.layers[1].values)
+
+    def noisy(seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        return prefix.inference_state(2, "noise", gen)["past_key_values"].layers[0].keys
+
+    assert torch.equal(noisy(0), noisy(0))  # same seed: every forward sees the same noise
+    assert not torch.equal(noisy(0), noisy(1))
 
 
 def greedy_nocache(lm, prefix_fn, embeds, mask, steps):
@@ -390,6 +400,47 @@ def test_trainable_count_matches_manual(name):
         assert own == per_layer * LM_CFG.num_hidden_layers
 
 
+@pytest.mark.parametrize("name", ["prefix", "lora", "s_adapter", "p_adapter", "full"])
+def test_remove_restores_the_base_model(name):
+    """Each method undoes its own attachment: same parameter names, same logits, no tags."""
+    lm = make_lm()
+    base_keys = set(lm.state_dict())
+    ids, mask = batch()
+    with torch.no_grad():
+        base = run(lm, [], ids, mask)
+    (m,) = apply_methods(lm, [(name, {})])
+    if name != "full":  # make the method matter (LoRA B and the adapters' up start at zero)
+        with torch.no_grad():
+            for p in m.trainable_parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+            assert (run(lm, [m], ids, mask) - base).abs().max() > 1e-3
+    m.remove()
+    assert not m.applied and set(lm.state_dict()) == base_keys
+    assert all(owner(p) is None for p in lm.parameters())
+    with torch.no_grad():
+        assert torch.equal(run(lm, [], ids, mask), base)
+    with pytest.raises(RuntimeError, match="has not been applied"):
+        m.remove()
+
+
+def test_merge_inputs_composes_caches_and_refuses_conflicts():
+    lm = make_lm()
+    a, b = apply_methods(lm, [("prefix", {"num_prefix": 2}), ("prefix", {"num_prefix": 3})])
+    merged = merge_inputs([("a", a.forward_kwargs(2)), ("b", b.forward_kwargs(2)),
+                           ("c", {"output_hidden_states": True}),
+                           ("d", {"output_hidden_states": True, "past_key_values": None})])
+    cache = merged["past_key_values"]
+    assert cache.get_seq_length() == 5 and merged["output_hidden_states"] is True
+    # both prefixes, one after the other, in every layer
+    assert torch.equal(cache.layers[1].keys[:, :, :2], a.cache_fn(2).layers[1].keys)
+    assert torch.equal(cache.layers[1].values[:, :, 2:], b.cache_fn(2).layers[1].values)
+    with pytest.raises(ValueError, match="'c' and 'd'.*'output_hidden_states'"):
+        merge_inputs([("c", {"output_hidden_states": True}),
+                      ("d", {"output_hidden_states": False})])
+    ids, mask = batch()
+    assert run(lm, [a, b], ids, mask).shape == (3, 7, LM_CFG.vocab_size)  # the LM takes it
+
+
 # ------------------------------------------------------------------------------- save / load
 def test_saved_composition_reproduces_logits(tmp_path):
     specs = [
@@ -425,16 +476,21 @@ def test_saved_composition_reproduces_logits(tmp_path):
     assert torch.equal(frozen.module.kv(), methods[0].module.kv())
 
 
-def test_prefix_module_save_load_and_errors(tmp_path):
-    enc = PrefixEncoder.for_lm(make_lm(), num_prefix=P, use_type_embedding=False)
-    enc.save(tmp_path / "enc")
-    back = load_prefix(tmp_path / "enc")
-    assert isinstance(back, PrefixEncoder) and back.type_embedding is None
-    assert torch.equal(back.kv(), enc.kv())
-    enc.freeze_to_prefixes().save(tmp_path / "frozen")
-    assert torch.equal(load_prefix(tmp_path / "frozen").kv(), enc.kv())
-    with pytest.raises(FileNotFoundError, match="prefix_config.json"):
-        load_prefix(tmp_path / "missing")
+def test_prefix_save_load_and_errors(tmp_path):
+    # one on-disk format for every method: the prefix encoder (an ablation) and frozen K/V
+    (prefix,) = apply_methods(make_lm(), [("prefix", {"num_prefix": P,
+                                                      "use_type_embedding": False})])
+    prefix.save(tmp_path / "enc")
+    back = PeftMethod.from_pretrained(make_lm(), tmp_path / "enc")
+    assert isinstance(back.module, PrefixEncoder) and back.module.type_embedding is None
+    assert torch.equal(back.module.kv(), prefix.module.kv())
+    kv = prefix.module.kv().detach().clone()
+    prefix.freeze()
+    prefix.save(tmp_path / "frozen")
+    frozen = PeftMethod.from_pretrained(make_lm(), tmp_path / "frozen").module
+    assert isinstance(frozen, FrozenPrefix) and torch.equal(frozen.kv(), kv)
+    with pytest.raises(FileNotFoundError, match="peft_method.json"):
+        PeftMethod.from_pretrained(make_lm(), tmp_path / "missing")
 
     lm = make_lm()
     (ad,) = apply_methods(lm, [("s_adapter", {"bottleneck_size": 4})])
@@ -497,7 +553,8 @@ def test_vlm_prefix_lora_training_and_generation():
         opt.step()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
     prompts = [[5, 6], []]
-    kw = dict(image_features=feats, max_new_tokens=5, prefix_cache_fn=prefix.cache_fn)
+    inputs = PeftSession([prefix, lora], {}).inference()  # the composed inference inputs
+    kw = dict(image_features=feats, max_new_tokens=5, inputs=inputs)
     cached = generate(vlm, prompt_ids=prompts, **kw)
     assert cached == generate(vlm, prompt_ids=prompts, use_cache=False, **kw)
     assert len(generate(vlm, prompt_ids=prompts, num_beams=3, **kw)) == 2

@@ -28,7 +28,8 @@ from peft_fixtures import (
 
 from vlalign.data.text_formats import caption_prompt
 from vlalign.data.tokenizer import load_tokenizer, vlm_token_ids
-from vlalign.eval.runner import evaluate_run
+from vlalign.eval.job import EvalJob, evaluate_job, load_stage
+from vlalign.eval.runner import EvalSettings, evaluate_run
 from vlalign.methods.registry import owner
 from vlalign.methods.stage import attach_peft, load_for_inference
 from vlalign.models.backbones import load_image_processor, pixel_tensor
@@ -210,7 +211,7 @@ def trained_methods(world, probe):
     return out
 
 
-def load_stage(stage_dir: Path):
+def load_model(stage_dir: Path):
     model = VisionLanguageModel.from_pretrained(stage_dir / "model")
     return model, load_for_inference(model, stage_dir)
 
@@ -219,7 +220,7 @@ def load_stage(stage_dir: Path):
 def test_saved_stage_reproduces_in_memory_logits(world, probe, trained_methods, name):
     stage_dir, hook = trained_methods[name]
     assert hook.logits is not None
-    model, session = load_stage(stage_dir)
+    model, session = load_model(stage_dir)
     assert [m.name for m in session.methods] == [name]
     # re-attached for inference: the method's own parameters are frozen
     assert not any(p.requires_grad for p in session.methods[0].trainable_parameters())
@@ -241,12 +242,13 @@ def test_evaluating_twice_gives_identical_metrics(world, trained_methods, tmp_pa
     task = "both" if name == "prefix" else "vqa"
     results = []
     for i in range(2):
-        model, session = load_stage(stage_dir)
+        model, session = load_model(stage_dir)
+        settings = EvalSettings(task=task, num_beams=1, max_new_tokens=8, batch_size=8,
+                                spice="off", rank_samples=4)
         metrics = evaluate_run(
             stage_dir / "model", world.data["world_target"], world.tokenizer, world.vision,
             tmp_path / str(i), run=f"{name}_s0", stage=f"ft_{name}", dataset="world_target",
-            task=task, num_beams=1, max_new_tokens=8, batch_size=8, spice="off",
-            rank_samples=4, prefix_cache_fn=session.prefix_cache_fn("normal"), model=model,
+            settings=settings, inputs=session.inference(), model=model,
         )
         results.append(metrics)
     values = [{r["metric"]: r["value"] for r in m["records"]} for m in results]
@@ -261,9 +263,12 @@ def test_evaluating_twice_gives_identical_metrics(world, trained_methods, tmp_pa
 # ------------------------------------------------------------------------ inference variants
 def test_prefix_inference_variants(world, trained_methods):
     stage_dir, _ = trained_methods["prefix"]
-    model, session = load_stage(stage_dir)
+    model, session = load_model(stage_dir)
     model.eval()
-    assert session.prefix_cache_fn("removed") is None
+    assert [v.label for v in session.variants()] == ["prefix_removed", "prefix_noise"]
+    assert session.inference("removed")(2) == {}  # no cache: the model without its prefix
+    with pytest.raises(ValueError, match="'zeros'.*offer \\['normal', 'removed', 'noise'\\]"):
+        session.inference("zeros")
     tok = load_tokenizer(world.tokenizer)
     special = vlm_token_ids(tok)
     from datasets import load_from_disk
@@ -274,13 +279,66 @@ def test_prefix_inference_variants(world, trained_methods):
           "pad_token_id": special["pad"], "prompt_ids": [caption_prompt(tok)] * len(images)}
 
     def captions(variant: str) -> list[list[int]]:
-        return generate(model, pixels, prefix_cache_fn=session.prefix_cache_fn(variant), **kw)
+        return generate(model, pixels, inputs=session.inference(variant), **kw)
 
     normal = captions("normal")
     assert captions("normal") == normal  # deterministic, so a difference below is the prefix's
     torch.manual_seed(0)
     assert captions("noise") != normal
     assert captions("removed") != normal
+
+
+def test_evaluation_job_datasets_and_variants(world, trained_methods, tmp_path):
+    """The evaluate rule's job on a prefix-tuned stage: the run's dataset at the top, a second
+    dataset in its sub-directory, the prefix variants (offered by the prefix method, asked for
+    by the eval block) in variant-*/, every record merged into one metrics.json."""
+    stage_dir, _ = trained_methods["prefix"]
+    ev = {"split": "test", "task": "vqa", "num_beams": 1, "max_new_tokens": 6, "batch_size": 8,
+          "spice": "off", "rank_samples": 4, "rank_text_tokens": 8,
+          "prefix_variants": ["normal", "removed", "noise"]}
+    params = {"run": "prefix_s0", "seed": 0, "datasets": ["world_target", "world"], "eval": ev,
+              "config": {"stages": [{"text": "captions", "max_length": 48}]}}
+    job = EvalJob.from_params(
+        params, data=[world.data["world_target"], world.data["world"]],
+        tokenizer=world.tokenizer, vision=world.vision, out_dir=tmp_path / "run")
+    assert job.text_kind == "captions" and job.settings.variants == ("normal", "removed", "noise")
+    stage = load_stage(stage_dir, device="cpu")
+    metrics = evaluate_job(job, stage)
+
+    out = tmp_path / "run"
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    for sub in (".", "world", "variant-removed", "variant-noise"):
+        assert {"predictions.jsonl", "rank_curve.json", "metrics.json"} <= {
+            f.name for f in (out / sub).iterdir()}, sub
+    by_stage: dict[str, list[dict]] = {}
+    for rec in metrics["records"]:
+        by_stage.setdefault(rec["stage"], []).append(rec)
+    assert set(by_stage) == {"ft_prefix", "ft_prefix@prefix_removed", "ft_prefix@prefix_noise"}
+    own = by_stage["ft_prefix"]
+    assert {r["dataset"] for r in own} == {"world_target", "world"}
+    stage_rows = [r for r in own if r["metric"] == "trainable_params"]
+    assert [r["dataset"] for r in stage_rows] == ["world_target"]  # the stage's records once
+    for variant in ("removed", "noise"):
+        rows = by_stage[f"ft_prefix@prefix_{variant}"]
+        assert rows and all(r["dataset"] == "world_target" for r in rows)
+        assert all(r["decoding"] == {"num_beams": 1, "max_new_tokens": 6, "task": "caption",
+                                     "prefix_variant": variant} for r in rows)
+        assert not any(r["metric"].startswith("effective_rank") for r in rows)
+        assert "CIDEr" in {r["metric"] for r in rows}
+        # the variant directory holds the same numbers under the stage's own name
+        sub = json.loads((out / f"variant-{variant}" / "metrics.json").read_text())
+        plain = {r["metric"]: r["value"] for r in sub["records"]
+                 if not r["metric"].startswith("effective_rank")}
+        assert plain == {r["metric"]: r["value"] for r in rows}
+    removed = {r["metric"]: r["value"] for r in by_stage["ft_prefix@prefix_removed"]}
+    noise = {r["metric"]: r["value"] for r in by_stage["ft_prefix@prefix_noise"]}
+    assert removed["grounding_loss_own"] != noise["grounding_loss_own"]  # different models
+
+    # a stage whose methods offer no variant evaluates none, whatever the eval block asks
+    lora = load_stage(trained_methods["lora"][0], device="cpu")
+    assert lora.variants() == [] and lora.inputs()(2) == {}
+    with pytest.raises(ValueError, match="offer \\['normal'\\]"):
+        lora.inputs("removed")
 
 
 # ------------------------------------------------------------------------ bad peft blocks

@@ -17,6 +17,7 @@ from vlalign.data.tokenizer import corpus_texts, save_tokenizer, train_tokenizer
 from vlalign.data.world import generate_world
 from vlalign.eval.runner import (
     EvalInputError,
+    EvalSettings,
     evaluate_run,
     rank_curve_of_model,
     rank_record,
@@ -134,10 +135,11 @@ def test_reference_lm_uses_the_same_text(world, tmp_path):
 
 def test_evaluate_records_both_ranks(world, tmp_path):
     r = world["root"]
+    settings = EvalSettings(task="caption", num_beams=1, max_new_tokens=4, batch_size=8,
+                            rank_samples=4, rank_text_tokens=T)
     metrics = evaluate_run(
         r / "stage" / "model", r / "data", r / "tok", r / "vision", tmp_path, run="m",
-        stage="s", dataset="world", task="caption", num_beams=1, max_new_tokens=4,
-        batch_size=8, rank_samples=4, rank_text_tokens=T, model=world["model"],
+        stage="s", dataset="world", settings=settings, model=world["model"],
     )
     values = {m["metric"]: m["value"] for m in metrics["records"]}
     curve = json.loads((tmp_path / "rank_curve.json").read_text())

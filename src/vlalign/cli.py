@@ -175,144 +175,53 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------- evaluation
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    """Evaluate a run's last stage; write predictions, metrics, rank curve and run.json."""
-    from vlalign.eval.runner import evaluate_run
-    from vlalign.io_utils import write_json_atomic
-    from vlalign.methods.stage import load_for_inference
-    from vlalign.models.backbones import default_device
-    from vlalign.models.vlm import VisionLanguageModel
+    """Evaluate a run's last stage (:mod:`vlalign.eval.job`); write its run.json."""
+    from vlalign.eval.job import EvalJob, evaluate_job, load_stage, run_started
     from vlalign.runs.record import write_run_record
 
-    p, ev = args.params, args.params["eval"]
-    stage_dir, out_dir = Path(args.stage), Path(args.out_dir)
-    stage = json.loads((stage_dir / "stage.json").read_text())
-    # The run started when its first stage did (shared stages: when that one was trained).
-    first = Path(p["chain"][0]["dir"]) / "stage.json"
-    started = json.loads(first.read_text())["start"] if first.is_file() else None
-
-    # One model (and its PEFT methods) for every dataset and prefix variant of this run.
-    model = VisionLanguageModel.from_pretrained(stage_dir / "model")
-    model.to(default_device())
-    peft = load_for_inference(model, stage_dir)
-    # grounding_gap is measured on the text the run's last stage trained on
-    last = (p.get("config", {}).get("stages") or [{}])[-1]
-
-    def run_eval(
-        out: Path, data: str, dataset: str, variant: str, task: str, rank_samples: int, extra=()
-    ) -> dict:
-        return evaluate_run(
-            stage_dir / "model",
-            data,
-            args.tokenizer,
-            args.vision,
-            out,
-            run=p["run"],
-            stage=stage["name"],
-            dataset=dataset,
-            split=ev["split"],
-            task=task,
-            num_beams=ev["num_beams"],
-            max_new_tokens=ev["max_new_tokens"],
-            batch_size=ev["batch_size"],
-            spice=ev["spice"],
-            rank_samples=rank_samples,
-            rank_text_tokens=ev["rank_text_tokens"],
-            prefix_cache_fn=peft.prefix_cache_fn(variant, seed=p["seed"]) if peft else None,
-            extra_records=extra,
-            model=model,
-            text_kind=last.get("text"),
-            text_max_length=last.get("max_length", 256),
-        )
-
-    if len(args.data) != len(p["datasets"]):
-        raise ValueError(f"--data has {len(args.data)} paths for datasets {p['datasets']}")
-    stage_records = [
-        {"metric": k, "value": stage[k]}
-        for k in ("trainable_params", "trainable_pct", "heldout_loss")
-    ]
-    # The first dataset writes the run's own predictions / rank curve; others go in
-    # sub-directories and their records are merged into one metrics.json.
-    metrics = run_eval(
-        out_dir,
-        args.data[0],
-        p["datasets"][0],
-        "normal",
-        ev["task"],
-        ev["rank_samples"],
-        stage_records,
+    p = args.params
+    job = EvalJob.from_params(
+        p, data=args.data, tokenizer=args.tokenizer, vision=args.vision, out_dir=args.out_dir
     )
-    for data, dataset in list(zip(args.data, p["datasets"]))[1:]:
-        # its rank curve (cheap: one forward of the rank samples) is that dataset's row
-        more = run_eval(out_dir / dataset, data, dataset, "normal", ev["task"], ev["rank_samples"])
-        metrics["records"] += more["records"]
-        metrics["missing"] += [m for m in more["missing"] if m not in metrics["missing"]]
-    has_prefix = "prefix" in stage.get("peft", [])
-    for variant in [v for v in ev["prefix_variants"] if v != "normal" and has_prefix]:
-        # seed 003 Table 5: the same model with its prefix removed / replaced by noise
-        extra = run_eval(
-            out_dir / f"variant-{variant}",
-            args.data[0],
-            p["datasets"][0],
-            variant,
-            "caption",
-            rank_samples=2,
-        )
-        for rec in extra["records"]:  # a stage name of its own keeps tables unambiguous
-            if rec["metric"].startswith("effective_rank"):  # 2 samples: not a rank row
-                continue
-            rec["stage"] = f"{rec['stage']}@prefix_{variant}"
-            rec["decoding"] = {**rec.get("decoding", {}), "prefix_variant": variant}
-            metrics["records"].append(rec)
-    write_json_atomic(out_dir / "metrics.json", metrics)
-
-    write_run_record(out_dir, p, started)
-    log.info("evaluated %s -> %s", p["run"], out_dir)
+    evaluate_job(job, load_stage(args.stage))
+    write_run_record(job.out_dir, p, run_started(p))
+    log.info("evaluated %s -> %s", p["run"], job.out_dir)
 
 
 def cmd_reference_rank(args: argparse.Namespace) -> None:
-    from vlalign.eval.runner import reference_rank_curve
+    from vlalign.eval.runner import EvalSettings, reference_rank_curve
 
-    ev = args.params["eval"]
+    ev = EvalSettings.from_params(args.params["eval"])
     reference_rank_curve(
         args.lm,
         args.data,
         args.tokenizer,
         args.out,
-        split=ev["split"],
-        rank_samples=ev["rank_samples"],
-        batch_size=ev["batch_size"],
+        split=ev.split,
+        rank_samples=ev.rank_samples,
+        batch_size=ev.batch_size,
         dataset=args.dataset,
-        text_tokens=ev["rank_text_tokens"],
+        text_tokens=ev.rank_text_tokens,
     )
 
 
 def cmd_rank(args: argparse.Namespace) -> None:
     """The rank curve alone of a run's last stage on one dataset (the model before PEFT on the
     dataset of the PEFT runs that continue it: ``reference: before_peft``)."""
-    from vlalign.eval.runner import rank_curve_of_model
-    from vlalign.methods.stage import load_for_inference
-    from vlalign.models.backbones import default_device
-    from vlalign.models.vlm import VisionLanguageModel
+    from vlalign.eval.job import load_stage, rank_stage
+    from vlalign.eval.runner import EvalSettings
 
-    p, ev = args.params, args.params["eval"]
-    stage_dir = Path(args.stage)
-    model = VisionLanguageModel.from_pretrained(stage_dir / "model")
-    model.to(default_device())
-    peft = load_for_inference(model, stage_dir)
-    rank_curve_of_model(
-        model,
+    p = args.params
+    rank_stage(
+        load_stage(args.stage),
         args.data,
         args.tokenizer,
         args.vision,
         args.out,
         run=p["run"],
         dataset=args.dataset,
-        split=ev["split"],
-        rank_samples=ev["rank_samples"],
-        text_tokens=ev["rank_text_tokens"],
-        batch_size=ev["batch_size"],
+        settings=EvalSettings.from_params(p["eval"]),
         reference=args.reference,
-        prefix_cache_fn=peft.prefix_cache_fn("normal") if peft else None,
     )
 
 

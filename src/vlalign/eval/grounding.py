@@ -35,7 +35,7 @@ from vlalign.data.world import (
     number_words,
     position_phrases,
 )
-from vlalign.models.generation import PrefixCacheFn
+from vlalign.models.generation import InputsFn, inference_cache
 from vlalign.train.data import StageExamples, collate
 
 ATTRS = ("colour", "shape", "count", "size", "position")
@@ -385,12 +385,12 @@ def grounding_gap(
     max_length: int = 256,
     batch_size: int = 16,
     mask_mode: str | None = None,
-    prefix_cache_fn: PrefixCacheFn | None = None,
+    inputs: InputsFn | None = None,
 ) -> dict[str, float]:
     """Token-weighted mean next-token loss (nats) of the split's ``text_kind`` examples — built
     by the training's ``StageExamples`` + ``collate`` — with each row's own image and with the
     image of :func:`derangement`; ``grounding_gap`` = shuffled − own. The model is used as given
-    (its PEFT methods attached); ``prefix_cache_fn(B)`` supplies a prefix-tuned model's cache.
+    (its PEFT methods attached); ``inputs(B)``: the methods' inference inputs (e.g. a prefix).
     Deterministic (eval mode, fixed pairing, epoch 0 caption choice)."""
     if len(ds) < 2:
         raise GroundingInputError(f"fewer than 2 images to shuffle ({len(ds)})")
@@ -424,7 +424,7 @@ def grounding_gap(
                     labels=batch["labels"].to(device),
                     pixel_values=pixels.to(device),
                     mask_mode=mask_mode,
-                    past_key_values=prefix_cache_fn(len(rows)) if prefix_cache_fn else None,
+                    past_key_values=inference_cache(inputs, len(rows)),
                 )
                 total[key] += float(out.loss) * count
     finally:

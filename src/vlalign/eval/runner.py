@@ -21,8 +21,9 @@ import json
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ from vlalign.eval.grounding import caption_grounding, gap_scores, objects_of
 from vlalign.eval.vqa import vqa_score
 from vlalign.io_utils import atomic_path, write_json_atomic
 from vlalign.models.backbones import load_image_processor, load_lm
-from vlalign.models.generation import PrefixCacheFn, generate
+from vlalign.models.generation import InputsFn, generate, inference_cache
 from vlalign.models.vlm import VLM_CONFIG_NAME, VisionLanguageModel
 
 METRICS_SCHEMA_VERSION = 1
@@ -54,6 +55,50 @@ PathLike = str | os.PathLike
 
 class EvalInputError(ValueError):
     """An input of the evaluation (model dir, dataset, split, rows) is unusable."""
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How a run is evaluated: the params' ``eval`` block (:meth:`from_params`; the defaults
+    are those of a block that omits a key) plus ``mask_mode``, an override of the model's
+    mask. ``variants`` (config key ``prefix_variants``): the inference variants to evaluate
+    besides ``normal`` where the run's PEFT methods offer them (seed 003 Table 5)."""
+
+    split: str = "test"
+    task: str = "caption"
+    num_beams: int = 5
+    max_new_tokens: int = 32
+    batch_size: int = 16
+    spice: str = "auto"
+    rank_samples: int = 64
+    rank_text_tokens: int = DEFAULT_RANK_TEXT_TOKENS
+    variants: tuple[str, ...] = ("normal",)
+    mask_mode: str | None = None
+
+    # config key -> field, where they differ (the config keeps its historical name)
+    PARAM_KEYS: ClassVar[dict[str, str]] = {"prefix_variants": "variants"}
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"eval.task must be one of {TASKS}, got {self.task!r}")
+        for key in ("batch_size", "num_beams", "max_new_tokens", "rank_samples",
+                    "rank_text_tokens"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
+
+    @classmethod
+    def from_params(cls, block: Mapping[str, Any], source: str = "eval") -> EvalSettings:
+        """From an ``eval`` block; an unknown key → ValueError naming it (``source.key``)."""
+        names = {f.name for f in fields(cls)} - {"mask_mode"}
+        kwargs: dict[str, Any] = {}
+        for key, value in block.items():
+            name = cls.PARAM_KEYS.get(key, key)
+            if name not in names:
+                config_key = {v: k for k, v in cls.PARAM_KEYS.items()}
+                known = sorted(config_key.get(n, n) for n in names)
+                raise ValueError(f"{source}.{key}: unknown evaluation setting; known: {known}")
+            kwargs[name] = tuple(value) if name == "variants" else value
+        return cls(**kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,7 +284,7 @@ def vlm_rank_features(
     text_tokens: int = DEFAULT_RANK_TEXT_TOKENS,
     batch_size: int = 16,
     mask_mode: str | None = None,
-    prefix_cache_fn: PrefixCacheFn | None = None,
+    inputs: InputsFn | None = None,
 ) -> tuple[list[torch.Tensor], int]:
     """Last-layer hidden states at the image positions *and* the ``text_tokens`` text positions
     of :func:`rank_text_ids` fed after the sample's image (seed 003 §2.3 analyses image and text
@@ -257,7 +302,7 @@ def vlm_rank_features(
             attention_mask=torch.ones_like(ids).to(device),
             pixel_values=_pixels(processor, sub["image"]).to(device),
             mask_mode=mask_mode,
-            past_key_values=prefix_cache_fn(len(rows)) if prefix_cache_fn is not None else None,
+            past_key_values=inference_cache(inputs, len(rows)),
             output_hidden_states=True,
         )
         n_image = out.num_image_tokens
@@ -333,7 +378,7 @@ def rank_curve_of_model(
     text_tokens: int = DEFAULT_RANK_TEXT_TOKENS,
     batch_size: int = 16,
     reference: str | None = None,
-    prefix_cache_fn: PrefixCacheFn | None = None,
+    inputs: InputsFn | None = None,
     mask_mode: str | None = None,
 ) -> dict[str, Any]:
     """Only the rank curve of a loaded model on a dataset (e.g. the model before PEFT on its
@@ -345,7 +390,7 @@ def rank_curve_of_model(
     _check_vocab(model.lm.get_input_embeddings().num_embeddings, tok, run)
     feats, n_image = vlm_rank_features(
         model, load_image_processor(vision_dir), tok, ds, idx, text_tokens=text_tokens,
-        batch_size=batch_size, mask_mode=mask_mode, prefix_cache_fn=prefix_cache_fn,
+        batch_size=batch_size, mask_mode=mask_mode, inputs=inputs,
     )
     curve = rank_record(run, feats, n_image, dataset=dataset, split=split, reference=reference)
     write_json_atomic(out_path, curve)
@@ -383,36 +428,30 @@ def evaluate_run(
     run: str,
     stage: str,
     dataset: str,
-    split: str = "test",
-    task: str = "caption",
-    num_beams: int = 5,
-    max_new_tokens: int = 32,
-    batch_size: int = 16,
-    spice: str = "auto",
-    rank_samples: int = 64,
-    rank_text_tokens: int = DEFAULT_RANK_TEXT_TOKENS,
-    prefix_cache_fn: PrefixCacheFn | None = None,
-    mask_mode: str | None = None,
+    settings: EvalSettings | None = None,
+    inputs: InputsFn | None = None,
     extra_records: Iterable[Mapping[str, Any]] = (),
     model: VisionLanguageModel | None = None,
     text_kind: str | None = None,
     text_max_length: int = 256,
 ) -> dict[str, Any]:
-    """Evaluate the model saved in ``model_dir`` on ``split`` of the dataset in ``data_dir``.
+    """Evaluate the model saved in ``model_dir`` on ``settings.split`` of the dataset in
+    ``data_dir``; ``run``, ``stage``, ``dataset`` label the records.
 
     Args:
         vision_dir: directory of the image processor (``load_image_processor``).
-        task: "caption" (references = each row's ``captions``), "vqa" (every qa pair of the
-            split, ``VQA_acc``) or "both".
-        rank_samples, rank_text_tokens: the effective-rank samples and the text positions of
-            each (:func:`vlm_rank_features`).
-        prefix_cache_fn: ``B → fresh prefix cache`` for prefix-tuned models (generation and the
-            rank forward both use it). ``mask_mode``: override the model's mask.
+        settings: :class:`EvalSettings` (default: its defaults). ``task``: "caption"
+            (references = each row's ``captions``), "vqa" (every qa pair of the split,
+            ``VQA_acc``) or "both"; ``rank_samples``, ``rank_text_tokens``: the effective-rank
+            samples and the text positions of each (:func:`vlm_rank_features`).
+        inputs: ``B → inference inputs`` of the model's PEFT methods
+            (``PeftSession.inference(variant, seed)``): generation, the grounding and the rank
+            forwards all use them.
         extra_records: ``{"metric", "value"}`` dicts added as records (e.g. ``trainable_params``,
             ``heldout_loss``).
-        model: an already loaded model to use instead of loading ``model_dir`` (a prefix-tuned
-            model whose prefix lives outside the saved directory); ``model_dir`` is still
-            checked.
+        model: an already loaded model to use instead of loading ``model_dir`` (a model with
+            PEFT methods attached, which live outside the saved directory); ``model_dir`` is
+            still checked.
         text_kind: the run's training text (recaption | captions | conversations | qa) and
             ``text_max_length`` its truncation: ``grounding_gap`` is measured on that text
             (missing when None). Caption predictions also get the attribute / CHAIR metrics
@@ -421,10 +460,8 @@ def evaluate_run(
     Returns:
         the ``metrics.json`` object (``schema_version``, ``run``, ``records``, ``missing``).
     """
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    cfg = settings or EvalSettings()
+    split, task, batch_size = cfg.split, cfg.task, cfg.batch_size
     model_dir = check_model_dir(model_dir)
     out_dir = Path(out_dir)
     ds = load_split(data_dir, split)
@@ -433,9 +470,7 @@ def evaluate_run(
     special = vlm_token_ids(tok)
     cap_ids, cap_refs = _caption_rows(ds, data_dir, split) if task != "vqa" else ([], [])
     vqa_items = _vqa_rows(ds, data_dir, split) if task != "caption" else []
-    rank_idx = _rank_indices(ds, rank_samples, data_dir, split)
-    if rank_text_tokens < 1:
-        raise ValueError(f"rank_text_tokens must be >= 1, got {rank_text_tokens}")
+    rank_idx = _rank_indices(ds, cfg.rank_samples, data_dir, split)
 
     processor = load_image_processor(vision_dir)
     if model is None:
@@ -445,15 +480,15 @@ def evaluate_run(
     _check_vocab(model.lm.get_input_embeddings().num_embeddings, tok, str(model_dir))
 
     gen_kw = {
-        "num_beams": num_beams,
-        "max_new_tokens": max_new_tokens,
+        "num_beams": cfg.num_beams,
+        "max_new_tokens": cfg.max_new_tokens,
         "eos_token_id": special["eos"],
         "pad_token_id": special["pad"],
         "use_cache": True,
-        "prefix_cache_fn": prefix_cache_fn,
-        "mask_mode": mask_mode,
+        "inputs": inputs,
+        "mask_mode": cfg.mask_mode,
     }
-    decoding = {"num_beams": num_beams, "max_new_tokens": max_new_tokens, "task": task}
+    decoding = {"num_beams": cfg.num_beams, "max_new_tokens": cfg.max_new_tokens, "task": task}
     scores: dict[str, float] = {}
     missing: list[dict] = []
     lines: list[dict] = []
@@ -468,7 +503,7 @@ def evaluate_run(
             for i, p, r in zip(cap_ids, preds, cap_refs)
         ]
         cap_scores, cap_missing = score_captions(
-            dict(zip(cap_ids, preds)), dict(zip(cap_ids, cap_refs)), spice=spice
+            dict(zip(cap_ids, preds)), dict(zip(cap_ids, cap_refs)), spice=cfg.spice
         )
         scores.update(cap_scores)
         missing += cap_missing
@@ -491,15 +526,15 @@ def evaluate_run(
         scores["VQA_acc"] = vqa_score(answers, [q["answers"] for q in vqa_items])
     gap, gap_missing = gap_scores(
         model, processor, tok, ds, text_kind, where=f"{dataset}/{split}",
-        max_length=text_max_length, batch_size=batch_size, mask_mode=mask_mode,
-        prefix_cache_fn=prefix_cache_fn,
+        max_length=text_max_length, batch_size=batch_size, mask_mode=cfg.mask_mode,
+        inputs=inputs,
     )
     scores.update(gap)
     missing += gap_missing
 
     feats, n_image = vlm_rank_features(
-        model, processor, tok, ds, rank_idx, text_tokens=rank_text_tokens,
-        batch_size=batch_size, mask_mode=mask_mode, prefix_cache_fn=prefix_cache_fn,
+        model, processor, tok, ds, rank_idx, text_tokens=cfg.rank_text_tokens,
+        batch_size=batch_size, mask_mode=cfg.mask_mode, inputs=inputs,
     )
     curve = rank_record(run, feats, n_image, dataset=dataset, split=split)
     scores[RANK_METRIC] = curve["effective_rank"]

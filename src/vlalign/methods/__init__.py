@@ -8,10 +8,13 @@ Usage::
     lora.set_trainable(False)                       # prefix→LoRA, phase A: prefix only
     out = vlm(..., **forward_kwargs([prefix, lora], batch_size))
     lora.set_trainable(True)                        # phase B: LoRA and the prefix
-    generate(vlm, ..., prefix_cache_fn=prefix.cache_fn)
 
-A new method is one module with a ``@register("name")`` subclass of :class:`PeftMethod`,
-imported below.
+In a stage, :class:`vlalign.methods.stage.PeftSession` composes the methods' hooks (training
+inputs, extra losses, inference inputs and variants, removal); generation takes
+``generate(vlm, ..., inputs=session.inference())``.
+
+A new method is one module with a ``@register("name")`` subclass of :class:`PeftMethod`
+(see its hooks), imported below.
 """
 
 from vlalign.methods import adapters, full, lora, prefix  # noqa: F401  (registers the methods)
@@ -22,7 +25,6 @@ from vlalign.methods.prefix import (
     PrefixEncoder,
     PrefixModule,
     kv_geometry,
-    load_prefix,
     prefix_position_ids,
     prefix_variant,
 )
@@ -34,6 +36,7 @@ from vlalign.methods.registry import (
     forward_kwargs,
     get_method,
     load_methods,
+    merge_inputs,
     register,
     save_methods,
 )
@@ -53,7 +56,7 @@ __all__ = [
     "get_method",
     "kv_geometry",
     "load_methods",
-    "load_prefix",
+    "merge_inputs",
     "prefix_position_ids",
     "prefix_variant",
     "register",

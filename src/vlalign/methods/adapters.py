@@ -134,15 +134,13 @@ class BottleneckMethod(PeftMethod):
         assert self.module is not None
         return {f"{self.name}.{n}": p for n, p in self.module.named_parameters()}
 
-    def remove(self) -> None:
-        """Detach hooks and adapter modules: the LM is the base model again."""
-        self._require_applied()
+    def _detach(self) -> None:
+        """Hooks and adapter modules out: the LM is the base model again."""
         for handle in self._handles:
             handle.remove()
         for host in self._hosts:
             delattr(host, self.name)
         self._handles, self._hosts = [], []
-        self.lm, self.module = None, None
 
 
 @register("s_adapter")

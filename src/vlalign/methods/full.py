@@ -10,6 +10,7 @@ composition in the same order (:func:`vlalign.methods.load_methods` does).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -36,3 +37,12 @@ class FullFineTuning(PeftMethod):
     def _own_parameters(self) -> dict[str, nn.Parameter]:
         self._require_applied()
         return dict(self._params)
+
+    def check_composition(self, methods: Sequence[PeftMethod], lrs: Mapping[str, float]) -> None:
+        wrapping = [m.name for m in methods if m is not self and m.wraps_base_layers]
+        if lrs.get(self.name, 0) > 0 and wrapping:
+            raise ValueError(
+                f"peft: training {self.name!r} while {', '.join(map(repr, wrapping))} is "
+                f"attached is not supported (the saved base model would mix "
+                f"{', '.join(wrapping)} and fine-tuned weights)"
+            )

@@ -25,6 +25,7 @@ from vlalign.methods.registry import PeftMethod, register
 
 @register("lora")
 class LoraMethod(PeftMethod):
+    wraps_base_layers = True  # q/k/v projections become lora.Linear wrappers
     defaults = {
         "r": 16,
         "alpha": 32,
@@ -74,18 +75,28 @@ class LoraMethod(PeftMethod):
         lm = self._require_applied()
         return [n for n, m in lm.named_modules() if isinstance(m, BaseTunerLayer)]
 
-    def merge_and_unload(self) -> nn.Module:
-        """Fold ``B·A·α/r`` into the base weights and put the plain ``nn.Linear`` modules back,
-        so the LM can be saved with ``save_pretrained`` and reloaded without peft. The method is
-        detached afterwards (it owns no parameters any more)."""
+    def _unwrap(self, merge: bool) -> None:
+        """Put the plain base layers back (``merge``: with ``B·A·α/r`` folded in first)."""
         lm = self._require_applied()
         for name, module in list(lm.named_modules()):
             if isinstance(module, BaseTunerLayer):
-                module.merge(adapter_names=[self.cfg["adapter_name"]])
+                if merge:
+                    module.merge(adapter_names=[self.cfg["adapter_name"]])
                 parent_name, _, child = name.rpartition(".")
                 parent = lm.get_submodule(parent_name) if parent_name else lm
                 setattr(parent, child, module.get_base_layer())
         if hasattr(lm, "peft_config"):
             del lm.peft_config
+
+    def _detach(self) -> None:
+        # unmerged: the saved base model stays the one LoRA was trained on
+        self._unwrap(merge=False)
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold ``B·A·α/r`` into the base weights and put the plain ``nn.Linear`` modules back,
+        so the LM can be saved with ``save_pretrained`` and reloaded without peft. The method is
+        detached afterwards (it owns no parameters any more)."""
+        lm = self._require_applied()
+        self._unwrap(merge=True)
         self.lm, self.module = None, None
         return lm

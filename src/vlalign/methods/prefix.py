@@ -5,7 +5,7 @@ cannot ``generate(inputs_embeds=...)``, cannot coexist with LoRA in one PeftMode
 loses the LoRA weights on save. Here the prefix is a plain ``nn.Module`` whose forward returns a
 fresh ``DynamicCache`` of P key/value positions per layer; pass it as ``past_key_values`` and give
 the attention mask P leading visible columns and position ids starting at P (the VLM forward and
-``vlalign.models.generation.generate(prefix_cache_fn=...)`` do both).
+``vlalign.models.generation.generate(inputs=...)`` do both).
 
 Encoder (Fig. 6): ``e_i = E_prefix[i] + E_type[0]`` (the prefix *type* embedding is added like
 BERT's token-type embedding) → Li & Liang MLP ``Linear → Tanh → Linear`` → per layer K and V of
@@ -15,6 +15,7 @@ embedding *is* the K/V), both ("- prefix encoder").
 
 After training, :meth:`PrefixEncoder.freeze_to_prefixes` evaluates the encoder once and returns a
 :class:`FrozenPrefix` holding the plain K/V tensors: identical outputs, no encoder at inference.
+Saved and loaded as every method is (:meth:`PeftMethod.save`), encoder or frozen K/V alike.
 
 Limitation: a cache-based prefix does not survive gradient checkpointing (v5's
 ``GradientCheckpointingLayer`` drops ``past_key_values``); :class:`PrefixMethod` refuses it.
@@ -22,23 +23,14 @@ Limitation: a cache-based prefix does not survive gradient checkpointing (v5's
 
 from __future__ import annotations
 
-import functools
-import json
-import os
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from vlalign.io_utils import atomic_path
 from vlalign.methods.registry import PeftMethod, register, tag_parameters, text_config
 
-PREFIX_CONFIG_FILE = "prefix_config.json"
-PREFIX_WEIGHTS_FILE = "prefix.safetensors"
 PREFIX_VARIANTS = ("normal", "removed", "noise")
 
 
@@ -54,8 +46,6 @@ def kv_geometry(lm_config: Any) -> tuple[int, int, int]:
 class PrefixModule(nn.Module):
     """Common interface: :meth:`kv` → ``(layers, 2, kv_heads, P, head_dim)``; forward → cache."""
 
-    kind = ""
-
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_prefix: int):
         super().__init__()
         if min(num_layers, num_kv_heads, head_dim, num_prefix) < 1:
@@ -68,15 +58,6 @@ class PrefixModule(nn.Module):
 
     def kv(self) -> torch.Tensor:
         raise NotImplementedError
-
-    def config_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "num_layers": self.num_layers,
-            "num_kv_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "num_prefix": self.num_prefix,
-        }
 
     def forward(
         self,
@@ -91,14 +72,6 @@ class PrefixModule(nn.Module):
         kv = kv.unsqueeze(2).expand(-1, -1, batch_size, -1, -1, -1)  # (L, 2, B, h, P, d)
         return DynamicCache([(kv[i, 0], kv[i, 1]) for i in range(self.num_layers)])
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Atomically write ``prefix_config.json`` + ``prefix.safetensors``."""
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        with atomic_path(directory, is_dir=True) as tmp:
-            save_file(tensors, str(tmp / PREFIX_WEIGHTS_FILE))
-            (tmp / PREFIX_CONFIG_FILE).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
-        return Path(directory)
-
 
 class PrefixEncoder(PrefixModule):
     """Learnable prefix embeddings + prefix type embedding → MLP → per-layer K/V (Fig. 6).
@@ -112,8 +85,6 @@ class PrefixEncoder(PrefixModule):
         use_type_embedding / use_mlp: Table 10 ablations (see module doc).
         dropout: dropout on the produced K/V during training (0 = none).
     """
-
-    kind = "encoder"
 
     def __init__(
         self,
@@ -157,16 +128,6 @@ class PrefixEncoder(PrefixModule):
         device = next(lm.parameters()).device
         return cls(layers, n_kv, head_dim, **kwargs).to(device)
 
-    def config_dict(self) -> dict[str, Any]:
-        return {
-            **super().config_dict(),
-            "embed_dim": self.embed_dim,
-            "encoder_hidden": self.encoder_hidden,
-            "use_type_embedding": self.use_type_embedding,
-            "use_mlp": self.use_mlp,
-            "dropout": self.dropout_p,
-        }
-
     def kv(self) -> torch.Tensor:
         x = self.prefix_embedding.weight  # (P, E)
         if self.type_embedding is not None:
@@ -196,8 +157,6 @@ class FrozenPrefix(PrefixModule):
     Stored as a ``Parameter`` with ``requires_grad=False`` so it moves with ``.to()`` and could
     still be trained directly if wanted."""
 
-    kind = "frozen"
-
     def __init__(self, kv: torch.Tensor, trainable: bool = False) -> None:
         if kv.dim() != 5 or kv.shape[1] != 2:
             raise ValueError(
@@ -209,30 +168,6 @@ class FrozenPrefix(PrefixModule):
 
     def kv(self) -> torch.Tensor:
         return self.prefix_kv
-
-
-def load_prefix(directory: str | os.PathLike) -> PrefixModule:
-    """Inverse of :meth:`PrefixModule.save` (CPU; move it with ``.to``)."""
-    directory = Path(directory)
-    cfg_path, w_path = directory / PREFIX_CONFIG_FILE, directory / PREFIX_WEIGHTS_FILE
-    for path in (cfg_path, w_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"not a saved prefix directory (no {path})")
-    cfg = json.loads(cfg_path.read_text())
-    state = load_file(str(w_path))
-    kind = cfg.pop("kind", None)
-    if kind == "frozen":
-        if "prefix_kv" not in state:
-            raise ValueError(f"{w_path}: missing tensor 'prefix_kv'")
-        return FrozenPrefix(state["prefix_kv"])
-    if kind != "encoder":
-        raise ValueError(f"{cfg_path}: unknown prefix kind {kind!r} (expected encoder/frozen)")
-    module = PrefixEncoder(**cfg)
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(f"{w_path}: does not match {cfg_path}: {err}") from err
-    return module
 
 
 def prefix_variant(
@@ -273,10 +208,11 @@ def prefix_position_ids(attention_mask: torch.Tensor, num_prefix: int) -> torch.
 @register("prefix")
 class PrefixMethod(PeftMethod):
     """Prefix-tuning as a registry method. The encoder is *not* inserted into the model: it is
-    ``self.module`` and feeds each forward through :meth:`forward_kwargs` (``past_key_values``)
-    or :meth:`cache_fn` (``generate(prefix_cache_fn=...)``). At every call it follows the LM's
-    train/eval mode and device (moving it before the first optimiser step keeps AdamW state
-    consistent; the parameters stay the same objects)."""
+    ``self.module`` and feeds each forward through :meth:`forward_kwargs` (training) or
+    :meth:`inference_state` (generation and scoring), as ``past_key_values``. At every call it
+    follows the LM's train/eval mode and device (moving it before the first optimiser step
+    keeps AdamW state consistent; the parameters stay the same objects). Inference variants of
+    seed 003 Table 5: ``removed``, ``noise`` (:func:`prefix_variant`)."""
 
     defaults = {
         "num_prefix": 16,
@@ -287,6 +223,7 @@ class PrefixMethod(PeftMethod):
         "dropout": 0.0,
         "frozen": False,  # True: plain K/V (after :meth:`freeze`), nothing trainable
     }
+    variants = tuple(v for v in PREFIX_VARIANTS if v != "normal")
 
     def _attach(self, lm: nn.Module, cfg: dict[str, Any]) -> nn.Module:
         names = [k for k in self.defaults if k != "frozen" and cfg[k] is not None]
@@ -298,8 +235,19 @@ class PrefixMethod(PeftMethod):
         assert self.module is not None
         return {f"prefix.{n}": p for n, p in self.module.named_parameters()}
 
+    def _follow_lm(self) -> torch.nn.Parameter:
+        """Put the encoder (it lives outside the model) in the LM's mode and on its device;
+        returns an LM parameter (its dtype and device are the cache's)."""
+        lm = self._require_applied()
+        param = next(lm.parameters())
+        assert self.module is not None
+        self.module.train(lm.training)
+        if next(self.module.parameters()).device != param.device:
+            self.module.to(param.device)
+        return param
+
     def cache_fn(self, batch_size: int) -> DynamicCache:
-        """A fresh prefix cache in the LM's dtype/device (``prefix_cache_fn`` for generation)."""
+        """A fresh prefix cache in the LM's dtype/device."""
         lm = self._require_applied()
         checkpointing = getattr(lm, "is_activation_checkpointing", None)
         if checkpointing is None:  # older transformers
@@ -309,29 +257,26 @@ class PrefixMethod(PeftMethod):
                 "prefix-tuning needs past_key_values, which gradient checkpointing drops in "
                 "transformers 5 (GradientCheckpointingLayer); disable gradient checkpointing"
             )
-        param = next(lm.parameters())
+        param = self._follow_lm()
         assert self.module is not None
-        # the encoder lives outside the model: follow its train/eval mode and device
-        self.module.train(lm.training)
-        if next(self.module.parameters()).device != param.device:
-            self.module.to(param.device)
         return self.module(batch_size, dtype=param.dtype, device=param.device)
-
-    def variant_cache_fn(
-        self, mode: str, generator: torch.Generator | None = None
-    ) -> Callable[[int], DynamicCache] | None:
-        """``prefix_cache_fn`` for a Table 5 inference variant (:func:`prefix_variant`):
-        ``None`` for ``removed``; the noise is drawn once, so every call sees the same prefix."""
-        lm = self._require_applied()
-        assert self.module is not None
-        variant = prefix_variant(self.module, mode, generator=generator)
-        if variant is None:
-            return None
-        param = next(lm.parameters())
-        return functools.partial(variant, dtype=param.dtype, device=param.device)
 
     def forward_kwargs(self, batch_size: int) -> dict[str, Any]:
         return {"past_key_values": self.cache_fn(batch_size)}
+
+    def inference_state(
+        self, batch_size: int, variant: str = "normal", generator: torch.Generator | None = None
+    ) -> dict[str, Any]:
+        """The trained prefix (``normal``), none (``removed``: no cache, no extra mask columns)
+        or noise of its per-layer statistics (``noise``, drawn from ``generator``)."""
+        if variant == "normal":
+            return {"past_key_values": self.cache_fn(batch_size)}
+        param = self._follow_lm()
+        assert self.module is not None
+        prefix = prefix_variant(self.module, variant, generator=generator)
+        if prefix is None:
+            return {}
+        return {"past_key_values": prefix(batch_size, dtype=param.dtype, device=param.device)}
 
     def set_trainable(self, trainable: bool) -> None:
         super().set_trainable(trainable and not self.cfg["frozen"])

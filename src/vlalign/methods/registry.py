@@ -14,6 +14,18 @@ every method unless its config sets ``train_embeddings`` / ``train_lm_head`` (se
 
 On disk (:meth:`PeftMethod.save`): ``<dir>/peft_method.json`` (name, resolved config) and
 ``<dir>/weights.safetensors`` (only the method's own tensors).
+
+Life cycle: everything a caller needs from a method is a hook of :class:`PeftMethod`, composed
+over a stage's methods by :class:`vlalign.methods.stage.PeftSession`, so no caller ever names a
+method:
+
+- attach: :meth:`~PeftMethod.apply` (``_attach``), :meth:`~PeftMethod.check_composition`;
+- train: :meth:`~PeftMethod.forward_kwargs` (inputs of each forward),
+  :meth:`~PeftMethod.extra_loss` (added to the LM loss), :meth:`~PeftMethod.extra_metrics`;
+- save / load: :meth:`~PeftMethod.save`, :meth:`~PeftMethod.from_pretrained`;
+- inference: :meth:`~PeftMethod.inference_state` (inputs of each generation / scoring forward,
+  per inference variant: :attr:`~PeftMethod.variants`);
+- removal: :meth:`~PeftMethod.remove` (``_detach``) undoes the attachment.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.cache_utils import Cache, DynamicCache
 
 from vlalign.io_utils import atomic_path
 
@@ -143,10 +156,18 @@ def count_trainable(*modules: nn.Module | None) -> tuple[int, float]:
 # ---------------------------------------------------------------------------- base class
 class PeftMethod:
     """Base of every PEFT method. Subclasses set ``defaults`` and implement :meth:`_attach` and
-    :meth:`_own_parameters` (and :meth:`forward_kwargs` if the LM forward needs extra inputs)."""
+    :meth:`_own_parameters`; the other hooks have do-nothing defaults: override
+    :meth:`forward_kwargs` / :meth:`inference_state` if the forward needs inputs (e.g. a K/V
+    cache), :meth:`extra_loss` for an auxiliary loss, :meth:`extra_metrics` for diagnostics,
+    :meth:`_detach` if attaching changed the LM (hooks, replaced layers, added modules)."""
 
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    # inference variants besides "normal" (:meth:`inference_state`), e.g. prefix's "removed"
+    variants: ClassVar[tuple[str, ...]] = ()
+    # True if attaching replaces LM layers by wrappers (LoRA): a method training the LM's own
+    # weights cannot be trained next to it (:meth:`check_composition`)
+    wraps_base_layers: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.cfg: dict[str, Any] = {}
@@ -163,8 +184,41 @@ class PeftMethod:
         raise NotImplementedError
 
     def forward_kwargs(self, batch_size: int) -> dict[str, Any]:
-        """Extra keyword arguments for one model forward (e.g. a fresh prefix cache)."""
+        """Extra keyword arguments of one training / held-out forward over ``batch_size`` rows
+        (e.g. ``past_key_values``: a fresh prefix cache; ``output_hidden_states=True`` for a
+        head on the hidden states). Composed by :func:`merge_inputs`."""
         return {}
+
+    def extra_loss(self, outputs: Any, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """An auxiliary loss of one training forward (``outputs``: the model's output for
+        ``batch``), added to the LM loss by the training loop; None: no extra loss. The method
+        weights it itself (e.g. from its config)."""
+        return None
+
+    def extra_metrics(self) -> dict[str, float]:
+        """Scalar diagnostics of the method's state (e.g. a gate's mean opening), recorded as
+        ``<method>.<key>`` with the stage's trainable-parameter counts."""
+        return {}
+
+    def inference_state(
+        self, batch_size: int, variant: str = "normal", generator: torch.Generator | None = None
+    ) -> dict[str, Any]:
+        """Inputs of one inference forward over ``batch_size`` rows (generation, the rank and
+        grounding forwards): today ``past_key_values``, a fresh cache of P positions that the
+        forward may mutate. Called again for every forward. ``variant`` is "normal" or one of
+        :attr:`variants`; ``generator`` is seeded the same (the run's seed) on every call, so a
+        random variant gives the same tensors to every forward. Default: no inputs."""
+        return {}
+
+    def check_composition(
+        self, methods: Sequence[PeftMethod], lrs: Mapping[str, float]
+    ) -> None:
+        """Refuse (ValueError) a stage where this method cannot be trained / attached next to
+        ``methods`` (all of the stage's, this one included) with learning rates ``lrs``."""
+
+    def _detach(self) -> None:
+        """Undo what :meth:`_attach` changed in ``self.lm`` (hooks, wrapped layers, modules
+        added to it). A method whose module lives outside the model has nothing to undo."""
 
     # -- lifecycle ----------------------------------------------------------------------
     @classmethod
@@ -253,6 +307,18 @@ class PeftMethod:
     def count_trainable(self, model: nn.Module) -> tuple[int, float]:
         """Trainable parameters (all methods together) over ``model`` + this method's module."""
         return count_trainable(model, self.module)
+
+    def remove(self) -> None:
+        """Take this method out of the model: the LM is the base model again (e.g. before
+        ``save_pretrained``), its parameters lose the method's tag, and this instance is
+        detached (apply a new one to attach again)."""
+        self._require_applied()
+        params = self.trainable_parameters()
+        self._detach()
+        for p in params:
+            if owner(p) == self.name:
+                delattr(p, _OWNER_ATTR)
+        self.lm, self.module = None, None
 
     # -- persistence --------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -346,15 +412,58 @@ def apply_methods(
     return methods
 
 
-def forward_kwargs(methods: Iterable[PeftMethod], batch_size: int) -> dict[str, Any]:
-    """Merged extra forward inputs of ``methods`` (two methods supplying the same key → error)."""
+def concat_caches(caches: Sequence[Cache]) -> Cache:
+    """One cache holding the positions of ``caches`` one after the other, layer by layer (two
+    K/V-prefix methods: attention sees both prefixes)."""
+    if len(caches) == 1:
+        return caches[0]
+    n_layers = {len(c.layers) for c in caches}
+    if len(n_layers) != 1:
+        raise ValueError(f"PEFT caches to concatenate have different layer counts {n_layers}")
+    return DynamicCache([
+        (
+            torch.cat([c.layers[i].keys for c in caches], dim=-2),
+            torch.cat([c.layers[i].values for c in caches], dim=-2),
+        )
+        for i in range(n_layers.pop())
+    ])
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):  # no elementwise ==
+        return False
+    return bool(a == b)
+
+
+def merge_inputs(parts: Iterable[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """Compose ``(method name, forward inputs)`` pairs into one set of forward keyword
+    arguments: ``past_key_values`` caches are concatenated (:func:`concat_caches`), any other
+    key may be given twice only with the same value."""
     out: dict[str, Any] = {}
-    for m in methods:
-        for k, v in m.forward_kwargs(batch_size).items():
-            if k in out:
-                raise ValueError(f"PEFT methods both supply forward argument {k!r}")
-            out[k] = v
+    by: dict[str, str] = {}
+    caches: list[Cache] = []
+    for name, kwargs in parts:
+        for k, v in kwargs.items():
+            if k == "past_key_values":
+                if v is not None:
+                    caches.append(v)
+                continue
+            if k in out and not _same(out[k], v):
+                raise ValueError(
+                    f"PEFT methods {by[k]!r} and {name!r} supply different values for forward "
+                    f"argument {k!r}"
+                )
+            out[k], by[k] = v, by.get(k, name)
+    if caches:
+        out["past_key_values"] = concat_caches(caches)
     return out
+
+
+def forward_kwargs(methods: Iterable[PeftMethod], batch_size: int) -> dict[str, Any]:
+    """Merged extra training-forward inputs of ``methods`` (:func:`merge_inputs`)."""
+    return merge_inputs((m.name, m.forward_kwargs(batch_size)) for m in methods)
 
 
 def save_methods(methods: Sequence[PeftMethod], directory: str | os.PathLike) -> Path:

@@ -15,7 +15,8 @@ chain expresses every PT-PEFT order of seed 003:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,44 +29,126 @@ from vlalign.methods.registry import (
     forward_kwargs,
     get_method,
     load_methods,
+    merge_inputs,
     save_methods,
 )
 
 PEFT_DIR = "peft"
+NORMAL = "normal"
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class InferenceVariant:
+    """An inference variant a method of the session offers (seed 003 Table 5: ``prefix``'s
+    ``removed`` and ``noise``); ``label`` names its records (``<stage>@<label>``)."""
+
+    method: str
+    name: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}_{self.name}"
+
+
+@dataclass(frozen=True)
+class InferenceInputs:
+    """``B → forward inputs`` of every method of a session under one variant: what
+    generation and the scoring forwards call before each forward
+    (``vlalign.models.generation.InputsFn``). Each method sees the variant if it offers it and
+    ``normal`` otherwise, and a generator seeded with ``seed`` anew at every call."""
+
+    methods: tuple[PeftMethod, ...]
+    variant: str = NORMAL
+    seed: int = 0
+
+    def __call__(self, batch_size: int) -> dict[str, Any]:
+        return merge_inputs(
+            (
+                m.name,
+                m.inference_state(
+                    batch_size,
+                    self.variant if self.variant in m.variants else NORMAL,
+                    torch.Generator().manual_seed(self.seed),
+                ),
+            )
+            for m in self.methods
+        )
+
+
 class PeftSession:
-    """The PEFT methods attached to one model for one stage."""
+    """The PEFT methods attached to one model for one stage: every caller (training loop,
+    evaluation, generation) goes through these compositions of the methods' hooks."""
 
     def __init__(self, methods: list[PeftMethod], lrs: dict[str, float]):
         self.methods = methods
         self.lrs = lrs
 
+    def trained(self) -> list[PeftMethod]:
+        """The methods this stage trains (lr > 0)."""
+        return [m for m in self.methods if self.lrs.get(m.name, 0) > 0]
+
     @property
     def groups(self) -> dict[str, tuple[list[nn.Parameter], float]]:
         """Optimizer groups of the methods trained in this stage."""
         return {
-            f"peft.{m.name}": (m.trainable_parameters(), self.lrs[m.name])
-            for m in self.methods
-            if self.lrs.get(m.name, 0) > 0
+            f"peft.{m.name}": (m.trainable_parameters(), self.lrs[m.name]) for m in self.trained()
         }
 
+    # -- training --------------------------------------------------------------------------
     def forward_kwargs(self, batch_size: int) -> dict[str, Any]:
+        """Extra inputs of one training / held-out forward."""
         return forward_kwargs(self.methods, batch_size)
 
+    def extra_loss(self, outputs: Any, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """Sum of the auxiliary losses of the methods this stage trains (a frozen method's
+        loss would only push the others); None when none has one. The training loop adds it to
+        the LM loss of the same micro-batch."""
+        losses = [m.extra_loss(outputs, batch) for m in self.trained()]
+        losses = [x for x in losses if x is not None]
+        return torch.stack([x.reshape(()) for x in losses]).sum() if losses else None
+
+    def total_loss(self, outputs: Any, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The loss one training forward backpropagates: the LM loss (``outputs.loss``) plus
+        :meth:`extra_loss`."""
+        extra = self.extra_loss(outputs, batch)
+        return outputs.loss if extra is None else outputs.loss + extra
+
+    def extra_metrics(self) -> dict[str, float]:
+        """Every method's diagnostics, as ``<method>.<key>``."""
+        return {
+            f"{m.name}.{k}": float(v) for m in self.methods for k, v in m.extra_metrics().items()
+        }
+
+    # -- inference -------------------------------------------------------------------------
+    def variants(self) -> list[InferenceVariant]:
+        """The inference variants the attached methods offer besides ``normal``, in method
+        order; two methods offering one name → ValueError."""
+        out: dict[str, InferenceVariant] = {}
+        for m in self.methods:
+            for v in m.variants:
+                if v == NORMAL or v in out:
+                    raise ValueError(
+                        f"PEFT method {m.name!r}: inference variant {v!r} is already "
+                        f"{'the default' if v == NORMAL else f'offered by {out[v].method!r}'}"
+                    )
+                out[v] = InferenceVariant(m.name, v)
+        return list(out.values())
+
+    def inference(self, variant: str = NORMAL, seed: int = 0) -> InferenceInputs:
+        """The inputs of every inference forward under ``variant`` (``normal`` or one of
+        :meth:`variants`); ``seed`` (the run's) seeds a random variant."""
+        offered = [v.name for v in self.variants()]
+        if variant != NORMAL and variant not in offered:
+            raise ValueError(
+                f"inference variant {variant!r}: the attached PEFT methods "
+                f"{[m.name for m in self.methods]} offer {[NORMAL, *offered]}"
+            )
+        return InferenceInputs(tuple(self.methods), variant, seed)
+
+    # -- bookkeeping -----------------------------------------------------------------------
     def method(self, name: str) -> PeftMethod | None:
         return next((m for m in self.methods if m.name == name), None)
-
-    def prefix_cache_fn(self, variant: str = "normal", seed: int = 0) -> Callable | None:
-        """``generate(prefix_cache_fn=...)``; ``variant`` removed / noise (seed 003 Table 5);
-        the noise is drawn from a generator seeded with ``seed`` (the run's seed)."""
-        prefix = self.method("prefix")
-        if prefix is None:
-            return None
-        if variant == "normal":
-            return prefix.cache_fn
-        return prefix.variant_cache_fn(variant, generator=torch.Generator().manual_seed(seed))
 
     def count_trainable(self, model: nn.Module) -> tuple[int, float]:
         return count_trainable(model, *[m.module for m in self.methods])
@@ -81,23 +164,12 @@ class PeftSession:
         save_methods(self.methods, directory)
 
     def strip(self) -> None:
-        """Take the methods out of the LM so that ``save_pretrained`` writes the clean base
-        (adapters unhooked, LoRA layers replaced by their unmerged base layers). The session
-        is unusable afterwards."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
+        """Take every method out of the LM, last attached first (each undoes its own
+        attachment), so that ``save_pretrained`` writes the clean base model. The session is
+        unusable afterwards."""
         for m in reversed(self.methods):
-            if hasattr(m, "remove"):
+            if m.applied:
                 m.remove()
-            elif m.name == "lora" and m.lm is not None:
-                lm = m.lm
-                for name, module in list(lm.named_modules()):
-                    if isinstance(module, BaseTunerLayer):
-                        parent_name, _, child = name.rpartition(".")
-                        parent = lm.get_submodule(parent_name) if parent_name else lm
-                        setattr(parent, child, module.get_base_layer())
-                if hasattr(lm, "peft_config"):
-                    del lm.peft_config
 
 
 def attach_peft(
@@ -131,11 +203,8 @@ def attach_peft(
             method.apply(model, cfg, freeze_base=False)
             methods.append(method)
         method.set_trainable(lrs[name] > 0)
-    if lrs.get("full", 0) > 0 and any(m.name == "lora" for m in methods):
-        raise ValueError(
-            "peft: training 'full' while 'lora' is attached is not supported "
-            "(the saved base model would mix LoRA and fine-tuned weights)"
-        )
+    for m in methods:
+        m.check_composition(methods, lrs)
     return PeftSession(methods, lrs)
 
 

@@ -2,7 +2,8 @@
 
 Cached path (``use_cache=True``; the "D2" recipe of the transformers-5 notes):
 
-1. ``cache = prefix_cache_fn(B)`` (P prefix positions) or an empty ``DynamicCache``.
+1. ``cache = inputs(B)["past_key_values"]`` (the P positions of the PEFT methods' inference
+   inputs, e.g. a prefix: ``PeftSession.inference``) or an empty ``DynamicCache``.
 2. Prefill the image block into the cache under the run's mask (image tokens attend to each other
    bidirectionally under ``prefix``), position ids ``P..P+N-1``.
 3. Drop the last image position from the cache again and hand it to ``lm.generate`` as the first
@@ -27,7 +28,8 @@ all-to-all mask, so the two legitimately differ for that mode only.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from transformers import GenerationConfig
@@ -36,7 +38,25 @@ from transformers.cache_utils import Cache, DynamicCache
 from vlalign.models.masks import build_attention_mask, check_mode
 from vlalign.models.vlm import VisionLanguageModel, position_ids_from_mask
 
-PrefixCacheFn = Callable[[int], Cache]
+# ``B → inputs of one forward over B rows`` (``PeftSession.inference(variant, seed)``); today
+# the optional ``past_key_values``: a fresh cache of P positions, which the forward mutates
+InputsFn = Callable[[int], Mapping[str, Any]]
+
+
+def inference_cache(inputs: InputsFn | None, batch: int) -> Cache | None:
+    """The ``past_key_values`` of ``inputs(batch)`` (None without inputs or cache). Generation
+    and the scoring forwards hand only a cache to the model: another key is an error, not
+    silently dropped."""
+    if inputs is None:
+        return None
+    kwargs = dict(inputs(batch))
+    cache = kwargs.pop("past_key_values", None)
+    if kwargs:
+        raise ValueError(
+            f"inference inputs {sorted(kwargs)}: generation and scoring pass only "
+            "past_key_values to the model"
+        )
+    return cache
 
 
 def _cut(tokens: Sequence[int], eos_token_id: int | None) -> list[int]:
@@ -68,15 +88,15 @@ def generate(
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
     use_cache: bool = True,
-    prefix_cache_fn: PrefixCacheFn | None = None,
+    inputs: InputsFn | None = None,
     mask_mode: str | None = None,
     length_penalty: float = 1.0,
 ) -> list[list[int]]:
     """Generate continuations of ``prompt_ids[i]`` (may be empty) after image ``i``.
 
     Returns one list of new token ids per image: the prompt is not included, generation stops
-    at the first ``eos_token_id`` and the eos itself is not included. ``prefix_cache_fn(B)``
-    must return a *fresh* cache holding the P prefix positions (it is mutated).
+    at the first ``eos_token_id`` and the eos itself is not included. ``inputs(B)`` gives the
+    PEFT methods' inputs of each forward (:data:`InputsFn`; a *fresh* cache every call).
     """
     if num_beams < 1 or max_new_tokens < 1:
         raise ValueError(
@@ -106,7 +126,7 @@ def generate(
             max_new_tokens,
             eos_token_id,
             pad_token_id,
-            prefix_cache_fn,
+            inputs,
             length_penalty,
         )
     finally:
@@ -123,7 +143,7 @@ def _generate_cached(
     max_new_tokens: int,
     eos_token_id: int | None,
     pad_token_id: int,
-    prefix_cache_fn: PrefixCacheFn | None,
+    inputs: InputsFn | None,
     length_penalty: float,
 ) -> list[list[int]]:
     lm = model.lm
@@ -131,9 +151,9 @@ def _generate_cached(
     batch, n_img, hidden = img.shape
     device = img.device
 
-    cache = (
-        prefix_cache_fn(batch) if prefix_cache_fn is not None else DynamicCache(config=lm.config)
-    )
+    cache = inference_cache(inputs, batch)
+    if cache is None:
+        cache = DynamicCache(config=lm.config)
     p = cache.get_seq_length()
     # 1) prefill the image block under the run's mask (bidirectional → image-as-block = prefix)
     prefill_mode = "prefix" if mode == "bidirectional" else mode
@@ -195,7 +215,7 @@ def _generate_nocache(
     max_new_tokens: int,
     eos_token_id: int | None,
     pad_token_id: int,
-    prefix_cache_fn: PrefixCacheFn | None,
+    inputs: InputsFn | None,
     length_penalty: float,
 ) -> list[list[int]]:
     batch = len(prompts)
@@ -218,7 +238,7 @@ def _generate_nocache(
             attention_mask=mask[:, :cur],
             image_features=image_features,
             mask_mode=mode,
-            past_key_values=prefix_cache_fn(batch) if prefix_cache_fn is not None else None,
+            past_key_values=inference_cache(inputs, batch),
         )
         # label_logits[:, t] predicts text token t: read it at each row's next free slot
         nxt = out.label_logits[rows, lengths].argmax(-1)
