@@ -311,14 +311,15 @@ class PeftMethod:
     def remove(self) -> None:
         """Take this method out of the model: the LM is the base model again (e.g. before
         ``save_pretrained``), its parameters lose the method's tag, and this instance is
-        detached (apply a new one to attach again)."""
+        detached (apply a new one to attach again). ``module`` stays readable: the trained
+        parameters can still be inspected."""
         self._require_applied()
         params = self.trainable_parameters()
         self._detach()
         for p in params:
             if owner(p) == self.name:
                 delattr(p, _OWNER_ATTR)
-        self.lm, self.module = None, None
+        self.lm = None
 
     # -- persistence --------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
