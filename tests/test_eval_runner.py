@@ -205,6 +205,18 @@ def test_eval_settings_from_the_eval_block():
         EvalSettings(batch_size=0)
 
 
+def test_eval_settings_read_every_key_of_the_config_schema():
+    # every eval key the schema allows has a field (a new key fails here, not in a DAG run)
+    from vlalign.config import load_schema, schema_defaults
+
+    keys = set(load_schema()["properties"]["eval"]["properties"])
+    config_key = {v: k for k, v in EvalSettings.PARAM_KEYS.items()}
+    fields = {config_key.get(f.name, f.name) for f in dataclasses.fields(EvalSettings)}
+    assert keys == fields - {"mask_mode"}
+    settings = EvalSettings.from_params(schema_defaults("eval"))
+    assert settings.variants == ("normal",) and settings.task == "both"
+
+
 def test_eval_job_from_params_checks_its_inputs(tmp_path):
     params = {"run": "r_s0", "seed": 1, "datasets": ["a", "b"], "eval": {"task": "vqa"},
               "config": {"stages": [{"text": "qa"}, {"text": "recaption", "max_length": 99}]}}
