@@ -135,6 +135,35 @@ def test_train_step_then_final_save(assets, tmp_path):
     assert not paths.checkpoint_dir.exists()
 
 
+class _AuxLossSession:
+    """Just what train_step asks of a PEFT session: forward inputs and the loss to
+    backpropagate (here the LM loss plus an auxiliary loss on the projector)."""
+
+    def __init__(self, model: VisionLanguageModel):
+        self.model = model
+
+    def forward_kwargs(self, batch_size: int) -> dict:
+        return {}
+
+    def total_loss(self, outputs, batch) -> torch.Tensor:
+        return outputs.loss + sum((p**2).sum() for p in self.model.projector.parameters())
+
+
+def test_train_step_backpropagates_the_sessions_total_loss(assets, tmp_path):
+    rows = []
+    for aux in (False, True):
+        paths = stage_paths(assets, tmp_path / str(aux), "s")
+        settings = stage_settings(max_steps=1)
+        session = build_session(settings, paths, name="s", stage_hash="h", seed=0)
+        if aux:  # a method with an auxiliary loss (PeftSession.total_loss)
+            session.peft = _AuxLossSession(session.unwrapped)
+        session.model.train()
+        rows.append(train_step(session, 0))
+    plain, with_aux = rows
+    assert with_aux["loss"] == plain["loss"]  # the log records the LM loss
+    assert with_aux["grad_norm"] != pytest.approx(plain["grad_norm"], rel=1e-3)
+
+
 @pytest.mark.parametrize("key", ["checkpoint_every", "warmup_ratio", "optimizer.eps"])
 def test_settings_without_a_default_raise_instead_of_falling_back(assets, tmp_path, key):
     # the defaults live in TRAIN_DEFAULTS only: the trainer has none of its own

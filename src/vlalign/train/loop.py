@@ -460,9 +460,11 @@ def train_step(session: StageSession, step: int) -> dict[str, float]:
         with ctx, acc.autocast():
             extra_kw = session.peft.forward_kwargs(len(batch["input_ids"])) if session.peft else {}
             out = model(**batch, noise_fraction=settings.noise, generator=noise_gen, **extra_kw)
-            loss = out.loss * (n / n_sup)  # token-weighted mean over the global batch
+            # the LM loss plus the trained methods' auxiliary losses (exactly out.loss without)
+            micro_loss = session.peft.total_loss(out, batch) if session.peft else out.loss
+            loss = micro_loss * (n / n_sup)  # token-weighted mean over the global batch
             acc.backward(loss)
-        loss_sum += out.loss.detach().item() * n
+        loss_sum += out.loss.detach().item() * n  # the log's loss is the LM's
         session.n_image_tokens = out.num_image_tokens
         n_tokens += int(batch["attention_mask"].sum()) + out.num_image_tokens * len(
             batch["input_ids"]
