@@ -135,8 +135,8 @@ class EvalJob:
             vision=Path(vision),
             out_dir=Path(out_dir),
             settings=EvalSettings.from_params(params["eval"]),
-            text_kind=last.get("text"),
-            text_max_length=last.get("max_length", 256),
+            text_kind=last["text"],
+            text_max_length=last["max_length"],
         )
 
 

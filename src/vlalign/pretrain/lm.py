@@ -141,8 +141,9 @@ def pretrain_lm(
     torch.manual_seed(seed)
     device = default_device()
     model.to(device).train()
-    sp = cfg.get("scene_prefix") or {}
-    side = int(sp.get("side", 0))
+    # the config schema fills every scene_prefix key; without the block it is off (text only)
+    sp = cfg.get("scene_prefix") or {"side": 0}
+    side = int(sp["side"])
     train_rows, val_rows = [], []
     for dsd in train:
         train_rows += _scene_rows(dsd, "train", tokenizer, cfg["max_length"], side)
@@ -159,9 +160,9 @@ def pretrain_lm(
         idx = torch.randint(len(train_rows), (cfg["batch_size"],), generator=gen).tolist()
         pick = torch.randint(1 << 30, (len(idx),), generator=gen).tolist()
         seqs = [train_rows[i][0][k % len(train_rows[i][0])] for i, k in zip(idx, pick)]
-        with_prefix = side > 0 and torch.rand((), generator=gen).item() < sp.get("fraction", 0.8)
+        with_prefix = side > 0 and torch.rand((), generator=gen).item() < sp["fraction"]
         bags = [train_rows[i][1] for i in idx] if with_prefix else None
-        batch = prefixed_batch(emb, seqs, pad, bags, sp.get("noise", 0.0), gen)
+        batch = prefixed_batch(emb, seqs, pad, bags, sp["noise"] if with_prefix else 0.0, gen)
         loss, _ = supervised_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
