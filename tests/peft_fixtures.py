@@ -1,39 +1,32 @@
-"""Helpers for the PT-PEFT stage tests: a tiny world + tokenizer + backbones built with the
-project's own functions, stage settings as the planner resolves them, a recording ``peft_hook``
-and readers of what a trained stage saved (``model/`` and ``peft/``).
-
-Not a conftest: test modules import what they need explicitly.
+"""Helpers of the PT-PEFT stage tests (test_peft_stage): their tiny world, stage settings as the
+planner resolves them, a recording ``peft_hook`` and readers of what a trained stage saved
+(``model/`` and ``peft/``). Configs and the world builder are the shared ones of helpers.py.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from helpers import TinyWorld, build_world, lm_cfg, stage_paths, vision_cfg
 from safetensors.torch import load_file
 from torch import nn
 
 from vlalign.config import deep_merge
-from vlalign.data.sources import save_dataset
-from vlalign.data.tokenizer import corpus_texts, load_tokenizer, save_tokenizer, train_tokenizer
-from vlalign.data.world import generate_world
+from vlalign.data.tokenizer import load_tokenizer
 from vlalign.methods.registry import COMPOSITION_FILE, WEIGHTS_FILE, owner
 from vlalign.methods.stage import PeftSession, peft_hook
-from vlalign.models.backbones import (
-    build_tiny_lm,
-    build_tiny_vision,
-    load_image_processor,
-    make_image_processor,
-    save_backbone,
-)
+from vlalign.models.backbones import load_image_processor
 from vlalign.models.vlm import VisionLanguageModel
 from vlalign.runs.plan import TRAIN_DEFAULTS
 from vlalign.train.data import collate
-from vlalign.train.loop import StagePaths, stage_examples, train_stage
+from vlalign.train.loop import stage_examples, train_stage
 
+# A smaller world than the generator's default (32 px, fewer objects and texts): the PEFT tests
+# train many short stages and compare logits, not what is learned.
 WORLD_CFG = {
     "image_size": 32,
     "grid": 3,
@@ -43,61 +36,18 @@ WORLD_CFG = {
     "conversation_turns": 2,
 }
 SPLITS = {"train": 16, "val": 4, "test": 6}
-VISION_CFG = {
-    "image_size": 32,
-    "patch_size": 8,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-}
+DATASETS = {"world": "source", "world_target": "target"}
+VISION_CFG = vision_cfg(image_size=32)  # the world's 32 px images: 16 patch tokens
 # initializer_range 0.1: with near-zero weights a perturbed prefix rarely changes an argmax
-LM_CFG = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "max_position_embeddings": 256,
-    "initializer_range": 0.1,
-}
+LM_CFG = lm_cfg(initializer_range=0.1)
 FROZEN = {"vision": 0, "projector": 0, "lm": 0}
 
 
-@dataclass
-class TinyWorld:
-    root: Path
-    data: dict[str, Path]  # dataset name → saved DatasetDict dir
-    tokenizer: Path
-    vision: Path  # backbone dir (also holds the image processor)
-    lm: Path
-    base: Path | None = None  # an aligned first stage (projector trained) every PEFT stage follows
-    _n: int = field(default=0, repr=False)
-
-    def stage_dir(self, label: str) -> Path:
-        self._n += 1
-        return self.root / "stages" / f"{self._n:02d}_{label}"
-
-
-def build_world(root: Path, seed: int = 0) -> TinyWorld:
-    """Datasets ``world`` (source) and ``world_target``, a BPE tokenizer on both, and untrained
-    tiny SigLIP / Qwen2 backbones saved exactly like the pipeline's backbone rule saves them."""
-    torch.manual_seed(seed)
-    data = {}
-    corpus: list[str] = []
-    for name, domain in (("world", "source"), ("world_target", "target")):
-        dsd = generate_world(WORLD_CFG, domain=domain, splits=SPLITS, seed=seed)
-        data[name] = root / "data" / name
-        save_dataset(dsd, data[name])
-        corpus += list(corpus_texts(dsd))
-    tok = train_tokenizer(corpus, 400)
-    save_tokenizer(tok, root / "tokenizer")
-    vision = build_tiny_vision(VISION_CFG)
-    save_backbone(vision, root / "vision", {"pretrained_here": False},
-                  extra=[make_image_processor(VISION_CFG["image_size"])])
-    lm = build_tiny_lm(LM_CFG, tok)
-    save_backbone(lm, root / "lm", {"pretrained_here": False}, extra=[tok])
-    return TinyWorld(root, data, root / "tokenizer", root / "vision", root / "lm")
+def build_peft_world(root: Path, seed: int = 0) -> TinyWorld:
+    """Datasets ``world`` (source) and ``world_target``, a tokenizer on both and untrained
+    backbones."""
+    return build_world(root, SPLITS, datasets=DATASETS, world_cfg=WORLD_CFG, vision=VISION_CFG,
+                       lm=LM_CFG, seed=seed)  # fmt: skip
 
 
 def stage_settings(
@@ -135,33 +85,18 @@ def train(
     seed: int = 0,
 ) -> tuple[Path, dict[str, Any]]:
     """Run ``train_stage`` into a fresh stage dir; returns (dir, the stage.json dict)."""
-    out = world.stage_dir(label)
-    paths = StagePaths(
-        out=out,
-        checkpoint_dir=world.root / "checkpoints" / out.name,
-        tokenizer=world.tokenizer,
-        vision=world.vision,
-        lm=world.lm,
-        data=world.data[settings["dataset"]],
-        parent=parent,
-    )
+    paths = stage_paths(world, world.root, world.stage_dir(label).name, parent,
+                        dataset=settings["dataset"])  # fmt: skip
     result = train_stage(
         settings, paths, name=label, stage_hash=f"{label[:12]:<12}", seed=seed, peft_hook=hook
     )
-    return out, result
+    return paths.out, result
 
 
 def probe_batch(world: TinyWorld, n: int = 4, dataset: str = "world_target") -> dict:
     """A fixed caption batch (val split) for comparing logits."""
     settings = stage_settings(dataset=dataset)
-    paths = StagePaths(
-        out=world.root / "unused",
-        checkpoint_dir=world.root / "unused",
-        tokenizer=world.tokenizer,
-        vision=world.vision,
-        lm=world.lm,
-        data=world.data[dataset],
-    )
+    paths = stage_paths(world, world.root, "unused", dataset=dataset)
     tok = load_tokenizer(world.tokenizer)
     ex = stage_examples(paths, "val", settings, tok, load_image_processor(world.vision))
     return collate([ex[i] for i in range(min(n, len(ex)))], tok.pad_token_id)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import WIDER, lm_cfg, make_tokenizer, vision_cfg
 from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
@@ -19,30 +20,18 @@ from transformers import (
 )
 
 from vlalign.config import ConfigError
-from vlalign.data.tokenizer import corpus_texts, train_tokenizer
+from vlalign.data.tokenizer import corpus_texts
 from vlalign.data.world import generate_world
 from vlalign.models import backbones as bb
 from vlalign.models.scene_context import scene_texts
 from vlalign.pretrain import lm as plm
 from vlalign.pretrain import vision as pvis
 
-LM_CFG = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-}
+# WIDER than the shared backbones, 2 vision layers: the pre-training thresholds below were
+# measured on these sizes.
+LM_CFG = lm_cfg(**WIDER, num_key_value_heads=2)
 LM_PRETRAIN = {"steps": 200, "batch_size": 16, "lr": 3e-3, "max_length": 64}
-VISION_CFG = {
-    "image_size": 64,
-    "patch_size": 8,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-}
+VISION_CFG = vision_cfg(num_hidden_layers=2, **WIDER)
 VISION_PRETRAIN = {"steps": 200, "batch_size": 32, "lr": 2e-3}
 GRID, MAX_OBJECTS = 3, 4
 
@@ -64,7 +53,7 @@ def world():
 
 @pytest.fixture(scope="module")
 def tok(world):
-    return train_tokenizer(corpus_texts(world), 400)
+    return make_tokenizer(world)
 
 
 def _val_seqs(tok, world) -> list[list[int]]:

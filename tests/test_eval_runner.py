@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import DatasetDict
+from helpers import LM, build_world
 
 from vlalign.data.text_formats import (
     IGNORE_INDEX,
@@ -20,40 +21,26 @@ from vlalign.data.text_formats import (
     decode_text,
     vqa_prompt,
 )
-from vlalign.data.tokenizer import corpus_texts, save_tokenizer, train_tokenizer, vlm_token_ids
-from vlalign.data.world import generate_world
+from vlalign.data.tokenizer import vlm_token_ids
 from vlalign.eval.caption_metrics import spice_missing_reason
 from vlalign.eval.job import EvalJob, merge_metrics, variant_records
 from vlalign.eval.runner import EvalInputError, EvalSettings, evaluate_run, reference_rank_curve
 from vlalign.methods.stage import InferenceVariant
-from vlalign.models.backbones import build_tiny_lm, build_tiny_vision, make_image_processor
+from vlalign.models.backbones import make_image_processor
 from vlalign.models.vlm import VisionLanguageModel
 
 COCO_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
-VISION = {"image_size": 64, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
-          "num_hidden_layers": 1, "num_attention_heads": 2}
-LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-      "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 512}
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
-    torch.manual_seed(0)
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("eval_world")
-    dsd = generate_world(None, splits={"train": 8, "val": 4, "test": 8})
-    dsd.save_to_disk(str(root / "data"))
-    tok = train_tokenizer(corpus_texts(dsd), 400)
-    save_tokenizer(tok, root / "tok")
-    vision = build_tiny_vision(VISION)
-    vision.save_pretrained(root / "vision")
-    make_image_processor(64).save_pretrained(root / "vision")
-    build_tiny_lm(LM, tok).save_pretrained(root / "lm")
-    vlm = VisionLanguageModel.from_parts(root / "vision", root / "lm", mask_mode="prefix")
-    vlm.save_pretrained(root / "model")
-    return {"root": root, "data": root / "data", "tok": root / "tok",
-            "vision": root / "vision", "lm": root / "lm", "model": root / "model",
-            "dsd": dsd, "tokenizer": tok}
+    w = build_world(tmp_path_factory.mktemp("eval_world"), {"train": 8, "val": 4, "test": 8})
+    vlm = VisionLanguageModel.from_parts(w.vision, w.lm, mask_mode="prefix")
+    vlm.save_pretrained(w.root / "model")
+    return {"root": w.root, "data": w.data["world"], "tok": w.tokenizer,
+            "vision": w.vision, "lm": w.lm, "model": w.root / "model",
+            "dsd": w.datasets["world"], "tokenizer": w.tok}
 
 
 SETTINGS = {f.name for f in dataclasses.fields(EvalSettings)}

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from tiny_configs import lm_config, vision_config
+from helpers import lm_config, vision_config
 from transformers import Qwen2ForCausalLM, SiglipVisionModel
 from transformers.cache_utils import DynamicCache
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import build_world
 
-from vlalign.data.tokenizer import corpus_texts, train_tokenizer
 from vlalign.data.world import ATTRIBUTES, DOMAIN_ATTRIBUTES, generate_world, position_phrases
 from vlalign.eval.grounding import (
     ATTR_METRICS,
@@ -26,16 +26,12 @@ from vlalign.eval.grounding import (
     objects_of,
     parse_caption,
 )
-from vlalign.models.backbones import build_tiny_lm, build_tiny_vision, make_image_processor
+from vlalign.models.backbones import make_image_processor
 from vlalign.models.vlm import VisionLanguageModel
 from vlalign.results.db import ingest
 from vlalign.results.tables import render_table, to_latex
 
 REPO = Path(__file__).resolve().parents[1]
-VISION = {"image_size": 64, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
-          "num_hidden_layers": 1, "num_attention_heads": 2}
-LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-      "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 512}
 SCORED = ("attr_acc_colour", "attr_acc_shape", "attr_acc_count", "attr_acc_size",
           "attr_acc_position")
 
@@ -216,13 +212,9 @@ def test_vocabulary_comes_from_the_world():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("grounding")
-    dsd = generate_world(None, splits={"train": 8, "val": 2, "test": 6})
-    tok = train_tokenizer(corpus_texts(dsd), 400)
-    build_tiny_vision(VISION).save_pretrained(root / "vision")
-    build_tiny_lm(LM, tok).save_pretrained(root / "lm")
-    vlm = VisionLanguageModel.from_parts(root / "vision", root / "lm", mask_mode="prefix")
-    return {"model": vlm.eval(), "tok": tok, "ds": dsd["test"],
+    w = build_world(tmp_path_factory.mktemp("grounding"), {"train": 8, "val": 2, "test": 6})
+    vlm = VisionLanguageModel.from_parts(w.vision, w.lm, mask_mode="prefix")
+    return {"model": vlm.eval(), "tok": w.tok, "ds": w.datasets["world"]["test"],
             "processor": make_image_processor(64)}
 
 

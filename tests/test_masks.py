@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from tiny_configs import lm_config, vision_config
+from helpers import N_IMG, lm_config, vision_config
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionModel
 from transformers.cache_utils import DynamicCache
 
@@ -19,7 +19,6 @@ torch.set_num_threads(1)
 
 VISION_CFG = vision_config()
 LM_CFG = lm_config()
-N_IMG = 16  # (32 / 8) ** 2 patch tokens
 P = 3
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_configs import lm_config, vision_config
+from helpers import lm_config, vision_config
 from torch import nn
 from transformers import Qwen2ForCausalLM, SiglipVisionModel
 from transformers.cache_utils import DynamicCache

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_configs import lm_config
+from helpers import lm_config, vision_config
 from transformers import Qwen2ForCausalLM
 
 from vlalign.methods import (
@@ -508,23 +508,14 @@ def test_prefix_save_load_and_errors(tmp_path):
 # ------------------------------------------------------------------------------- VLM
 def _tiny_vlm():
     try:
-        from transformers import SiglipVisionConfig, SiglipVisionModel
+        from transformers import SiglipVisionModel
 
         from vlalign.models.projector import build_projector
         from vlalign.models.vlm import VisionLanguageModel
     except ImportError as err:  # pragma: no cover - depends on another module's progress
         pytest.skip(f"vlalign.models.vlm not importable: {err}")
     torch.manual_seed(0)
-    vision = SiglipVisionModel(
-        SiglipVisionConfig(
-            image_size=32,
-            patch_size=8,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-        )
-    )
+    vision = SiglipVisionModel(vision_config(num_hidden_layers=1))  # one layer is enough here
     return VisionLanguageModel(vision, build_projector("mlp2x_gelu", 64, 64), make_lm()).eval()
 
 

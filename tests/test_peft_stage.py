@@ -16,7 +16,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft_fixtures import (
     RecordingHook,
     TinyWorld,
-    build_world,
+    build_peft_world,
     changed,
     peft_logits,
     probe_batch,
@@ -50,7 +50,7 @@ METHODS = {
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> TinyWorld:
     torch.set_num_threads(1)
-    w = build_world(tmp_path_factory.mktemp("peft_stage"))
+    w = build_peft_world(tmp_path_factory.mktemp("peft_stage"))
     # The aligned model every PEFT stage starts from: a projector-only first stage.
     w.base, result = train(
         w, "stage1", stage_settings("world", "recaption", {"projector": 1e-2}, max_steps=2)

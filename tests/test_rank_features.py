@@ -10,11 +10,11 @@ import json
 import pytest
 import torch
 from datasets import DatasetDict
+from helpers import build_world, lm_cfg, vision_cfg
 
 from vlalign.cli import main as cli_main
 from vlalign.data.text_formats import decode_text
-from vlalign.data.tokenizer import corpus_texts, save_tokenizer, train_tokenizer, vlm_token_ids
-from vlalign.data.world import generate_world
+from vlalign.data.tokenizer import vlm_token_ids
 from vlalign.eval.runner import (
     EvalInputError,
     EvalSettings,
@@ -24,29 +24,21 @@ from vlalign.eval.runner import (
     rank_text_ids,
     reference_rank_curve,
 )
-from vlalign.models.backbones import build_tiny_lm, build_tiny_vision, make_image_processor
 from vlalign.models.vlm import VisionLanguageModel
 
 # 64 px / 16 px patches = 16 image tokens; 8 text tokens; d = 48 > 16 + 8: one component per row
-VISION = {"image_size": 64, "patch_size": 16, "hidden_size": 32, "intermediate_size": 64,
-          "num_hidden_layers": 1, "num_attention_heads": 2}
-LM = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
-      "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 256}
+VISION = vision_cfg(patch_size=16)
+LM = lm_cfg(hidden_size=48, intermediate_size=96)
 N_IMAGE, T = 16, 8
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("rank_world")
-    dsd = generate_world(None, splits={"train": 8, "val": 4, "test": 16})
-    dsd.save_to_disk(str(root / "data"))
-    tok = train_tokenizer(corpus_texts(dsd), 400)
-    save_tokenizer(tok, root / "tok")
-    build_tiny_vision(VISION, seed=0).save_pretrained(root / "vision")
-    make_image_processor(64).save_pretrained(root / "vision")
-    build_tiny_lm(LM, tok, seed=0).save_pretrained(root / "lm")
-    model = VisionLanguageModel.from_parts(root / "vision", root / "lm", mask_mode="prefix")
+    w = build_world(tmp_path_factory.mktemp("rank_world"), {"train": 8, "val": 4, "test": 16},
+                    vision=VISION, lm=LM)  # fmt: skip
+    root, dsd, tok = w.root, w.datasets["world"], w.tok
+    model = VisionLanguageModel.from_parts(w.vision, w.lm, mask_mode="prefix")
     model.save_pretrained(root / "stage" / "model")
     # the same images with captions of other lengths: each caption twice, or its first 2 words
     edits = {"long": lambda c: f"{c} {c}", "short": lambda c: " ".join(c.split()[:2])}
@@ -60,7 +52,7 @@ def world(tmp_path_factory) -> dict:
 def _rank(world, model, data="data", **kw) -> dict:
     r = world["root"]
     return rank_curve_of_model(
-        model, r / data, r / "tok", r / "vision", r / "out" / data / "rank_curve.json",
+        model, r / data, r / "tokenizer", r / "vision", r / "out" / data / "rank_curve.json",
         run="m", dataset="world", rank_samples=16, text_tokens=T, batch_size=8, **kw,
     )
 
@@ -122,7 +114,7 @@ def test_rank_tells_a_collapsed_last_layer_from_a_normal_one(world):
 
 def test_reference_lm_uses_the_same_text(world, tmp_path):
     r = world["root"]
-    curve = reference_rank_curve(r / "lm", r / "data", r / "tok", tmp_path / "ref.json",
+    curve = reference_rank_curve(r / "lm", r / "data", r / "tokenizer", tmp_path / "ref.json",
                                  rank_samples=16, dataset="world", text_tokens=T)
     assert curve["run"] == "_reference_lm" and curve["dataset"] == "world"
     assert curve["positions"] == "text" and curve["reference"] == "pretrained_lm"
@@ -138,7 +130,7 @@ def test_evaluate_records_both_ranks(world, tmp_path):
     settings = EvalSettings(task="caption", num_beams=1, max_new_tokens=4, batch_size=8,
                             rank_samples=4, rank_text_tokens=T)
     metrics = evaluate_run(
-        r / "stage" / "model", r / "data", r / "tok", r / "vision", tmp_path, run="m",
+        r / "stage" / "model", r / "data", r / "tokenizer", r / "vision", tmp_path, run="m",
         stage="s", dataset="world", settings=settings, model=world["model"],
     )
     values = {m["metric"]: m["value"] for m in metrics["records"]}
@@ -155,7 +147,7 @@ def test_rank_command_writes_the_before_peft_reference(world, tmp_path):
     out = tmp_path / "runs" / "align4_s0" / "before_peft" / "world_target" / "rank_curve.json"
     cli_main(["rank", "--params", json.dumps(params), "--stage", str(r / "stage"),
               "--data", str(r / "data"), "--dataset", "world_target", "--tokenizer",
-              str(r / "tok"), "--vision", str(r / "vision"), "--reference", "before_peft",
+              str(r / "tokenizer"), "--vision", str(r / "vision"), "--reference", "before_peft",
               "--out", str(out)])
     curve = json.loads(out.read_text())
     assert curve["run"] == "align4_s0" and curve["dataset"] == "world_target"

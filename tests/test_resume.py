@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_fixtures import (
-    TinyAssets,
+from helpers import (
+    TinyWorld,
     column,
     read_log,
     stage_paths,
@@ -53,19 +53,19 @@ SETTINGS = stage_settings(
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> TinyAssets:
+def assets(tmp_path_factory) -> TinyWorld:
     torch.set_num_threads(1)
     return tiny_assets(tmp_path_factory, pretrain=False)  # resumption needs no trained LM
 
 
-def _cmd(assets: TinyAssets, out: Path, ckpt: Path, settings: dict) -> list[str]:
+def _cmd(assets: TinyWorld, out: Path, ckpt: Path, settings: dict) -> list[str]:
     params = {"settings": settings, "name": "resume", "hash": "0123456789ab", "seed": 0}
     return [
         sys.executable, "-m", "vlalign", "train", "--launch", "here",
         "--params", json.dumps(params),
         "--out", str(out), "--checkpoint-dir", str(ckpt),
         "--tokenizer", str(assets.tokenizer), "--vision", str(assets.vision),
-        "--lm", str(assets.lm), "--data", str(assets.data),
+        "--lm", str(assets.lm), "--data", str(assets.data["world"]),
     ]  # fmt: skip
 
 

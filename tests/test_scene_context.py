@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
+from helpers import make_tokenizer
 
 from vlalign.config import ConfigError, check_references
 from vlalign.data.text_formats import IGNORE_INDEX
-from vlalign.data.tokenizer import corpus_texts, train_tokenizer, vlm_token_ids
+from vlalign.data.tokenizer import vlm_token_ids
 from vlalign.data.world import generate_world, position_name
 from vlalign.models.scene_context import (
     SceneContextError,
@@ -28,7 +29,7 @@ def world():
 
 @pytest.fixture(scope="module")
 def tok(world):
-    return train_tokenizer(corpus_texts(world), 400)
+    return make_tokenizer(world)
 
 
 def _ids(tok, words):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 from datasets import load_from_disk
-from train_fixtures import (
-    TinyAssets,
+from helpers import (
+    TinyWorld,
     column,
     read_log,
     stage_paths,
@@ -43,7 +43,7 @@ from vlalign.train.optim import build_optimizer, lr_lambdas
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> TinyAssets:
+def assets(tmp_path_factory) -> TinyWorld:
     torch.set_num_threads(1)
     return tiny_assets(tmp_path_factory, pretrain=True)
 
@@ -51,11 +51,11 @@ def assets(tmp_path_factory) -> TinyAssets:
 @pytest.fixture(scope="module")
 def features(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("features") / "cache"
-    build_feature_cache(assets.vision, assets.data, out, batch_size=64)
+    build_feature_cache(assets.vision, assets.data["world"], out, batch_size=64)
     return out
 
 
-def _fresh_model(assets: TinyAssets, seed: int = 0, mask: str = "prefix") -> VisionLanguageModel:
+def _fresh_model(assets: TinyWorld, seed: int = 0, mask: str = "prefix") -> VisionLanguageModel:
     """What a first stage starts from: the backbones and a projector initialised with ``seed``."""
     tok = load_tokenizer(assets.tokenizer)
     torch.manual_seed(seed)
@@ -266,7 +266,7 @@ def test_gradient_accumulation_matches_one_big_batch(assets, tmp_path):
 # ------------------------------------------------------------------------------ feature cache
 def test_feature_cache_rows_equal_direct_encoding(assets, features):
     cache = FeatureCache(features)
-    dsd = load_from_disk(str(assets.data))
+    dsd = load_from_disk(str(assets.data["world"]))
     vlm = _fresh_model(assets).eval()
     processor = load_image_processor(assets.vision)
     for split in ("train", "val", "test"):

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_configs import lm_config, vision_config
+from helpers import N_IMG, lm_config, vision_config
 from transformers import Qwen2ForCausalLM, SiglipVisionModel
 
 from vlalign.models.masks import build_attention_mask
@@ -20,7 +20,6 @@ torch.set_num_threads(1)
 
 VISION_CFG = vision_config()
 LM_CFG = lm_config()
-N_IMG = 16
 PAD, BOS, EOS = 0, 1, 2
 
 
