@@ -7,12 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import make_results_tree
 from matplotlib.image import imread
-
-try:  # tests/ is on sys.path (pytest's default rootdir-less import mode)
-    from test_results_db import make_results_tree
-except ImportError:  # tests/ imported as a package
-    from tests.test_results_db import make_results_tree
 
 from vlalign.results.db import ingest
 from vlalign.results.plots import (

@@ -8,11 +8,10 @@ import shutil
 from pathlib import Path
 
 import duckdb
-import numpy as np
 import pytest
+from helpers import make_results_tree, write_curve, write_json
 
 from vlalign.config import load_config
-from vlalign.io_utils import stable_hash
 from vlalign.results.db import (
     SCHEMA_VERSION,
     ResultsInputError,
@@ -34,233 +33,6 @@ from vlalign.runs.record import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-
-CAPTION_METRICS = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
-
-
-def _write_json(path: Path, obj: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2))
-
-
-def _write_stage(
-    results: Path,
-    stage: str,
-    key: dict,
-    rng: np.random.Generator,
-    steps: int,
-    start_loss: float,
-    decay: float,
-) -> str:
-    """One trained stage dir with a realistic train_log.csv; returns its hash."""
-    h = stable_hash({"stage": stage, **key})
-    d = results / "stages" / h
-    d.mkdir(parents=True, exist_ok=True)
-    lines = ["step,loss,lr,grad_norm,tokens_per_s,samples_per_s"]
-    for step in range(1, steps + 1):
-        loss = start_loss * np.exp(-decay * step) + 0.5 + 0.05 * rng.standard_normal()
-        lr = 1e-3 * 0.5 * (1 + np.cos(np.pi * step / steps))
-        lines.append(
-            f"{step},{loss:.5f},{lr:.3e},{rng.uniform(0.5, 3):.4f},"
-            f"{rng.uniform(9000, 11000):.1f},{rng.uniform(30, 40):.2f}"
-        )
-    (d / "train_log.csv").write_text("\n".join(lines) + "\n")
-    _write_json(d / "stage.json", {"stage": stage, "hash": h})
-    return h
-
-
-def _write_run(
-    results: Path,
-    run: str,
-    seed: int,
-    chain: list[tuple[str, str]],
-    config: dict,
-    recipe: str = "default",
-    grid: str | None = None,
-    method_order: str | None = None,
-    prefix_length: int | None = None,
-) -> None:
-    """A run.json as the evaluate rule writes it (record_version 2, docs/outputs.md)."""
-    _write_json(
-        results / "runs" / run / "run.json",
-        {
-            "record_version": 2,
-            "run": run,
-            "base_run": run.removesuffix(f"_s{seed}"),
-            "grid": grid,
-            "method_order": method_order,
-            "prefix_length": prefix_length,
-            "recipe": recipe,
-            "seed": seed,
-            "chain": [{"stage": s, "hash": h, "dir": f"results/stages/{h}"} for s, h in chain],
-            "config": config,
-            "git_commit": "0123abcd",
-            "packages": {"torch": "2.13.0"},
-            "start": "2025-05-01T10:00:00+02:00",
-            "end": "2025-05-01T10:20:00+02:00",
-            "device": "cpu",
-        },
-    )
-
-
-def _write_metrics(
-    results: Path, run: str, stage: str, values: dict[str, dict[str, float]], missing: list[str]
-) -> int:
-    records = [
-        {
-            "run": run,
-            "stage": stage,
-            "dataset": ds,
-            "split": "test",
-            "metric": m,
-            "value": v,
-            "decoding": {"num_beams": 5, "max_new_tokens": 32},
-        }
-        for ds, mv in values.items()
-        for m, v in mv.items()
-    ]
-    _write_json(
-        results / "runs" / run / "metrics.json",
-        {
-            "schema_version": 1,
-            "run": run,
-            "records": records,
-            "missing": [
-                {"metric": m, "reason": "Stanford CoreNLP jars not found"} for m in missing
-            ],
-        },
-    )
-    return len(records)
-
-
-def _curve(n: int, alpha: float) -> dict:
-    s = np.arange(1, n + 1, dtype=float) ** -alpha
-    cum = np.cumsum(s / s.sum())
-    eff = (int(np.searchsorted(cum, 0.9)) + 1) / n
-    return {"k": list(range(1, n + 1)), "cumulative": [float(c) for c in cum],
-            "effective_rank": eff}
-
-
-def _write_curve(
-    results: Path,
-    run: str,
-    n: int,
-    alpha: float,
-    dataset: str,
-    where: str = "",
-    reference: str | None = None,
-    text: int | None = 16,
-) -> int:
-    """A rank_curve.json as the evaluation writes it: an n-component image+text curve and a
-    ``text``-component curve of its text rows (``text=None``: a text-only curve, as the reference
-    LM's). ``where``: the sub-directory of the run dir. Returns the rank_curve rows."""
-    obj = {"run": run, "dataset": dataset, "split": "test", "samples": 64, "threshold": 0.9,
-           "positions": "image+text" if text else "text", "reference": reference,
-           **_curve(n, alpha)}
-    if text:
-        obj["text"] = _curve(text, alpha / 2)
-    _write_json(results / "runs" / run / where / "rank_curve.json", obj)
-    return n + (text or 0)
-
-
-def make_results_tree(root: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, int]:
-    """A results tree like the pipeline writes: stage chains, seeds, recap vs human captions,
-    PEFT methods with prefix-length variants, rank curves per dataset (and the model before PEFT
-    on the PEFT runs' dataset), a reference LM curve per dataset and a run still
-    in progress. Returns the expected row count per table."""
-    results = root / "results"
-    rng = np.random.default_rng(0)
-    n = {"runs": 0, "metrics": 0, "missing_metrics": 0, "train_log": 0, "rank_curve": 0,
-         "rank_summary": 0}
-    steps = {"stage0": 12, "stage1": 10, "prefix": 8, "lora": 9}
-
-    def chain_of(stages: list[str], key: dict, start: float, decay: float):
-        out = []
-        for s in stages:
-            out.append((s, _write_stage(results, s, key, rng, steps[s], start, decay)))
-            n["train_log"] += steps[s]
-        return out
-
-    for seed in seeds:
-        # seed 002: recaptioned vs human text, stage0 > stage1
-        for data, decay in (("recap", 0.25), ("human", 0.1)):
-            run = f"{data}_s{seed}"
-            chain = chain_of(["stage0", "stage1"], {"data": data, "seed": seed}, 4.0, decay)
-            _write_run(results, run, seed, chain, {"seed": seed, "data": {"text": data}})
-            base = 0.75 if data == "recap" else 0.70
-            vals = {
-                ds: {
-                    m: float(np.clip(base - 0.05 * i + 0.01 * rng.standard_normal(), 0, 1))
-                    for i, m in enumerate(CAPTION_METRICS)
-                }
-                for ds in ("world", "world_target")
-            }
-            vals["world_target"]["CIDEr"] = 1.1 + 0.02 * rng.standard_normal()
-            n["metrics"] += _write_metrics(results, run, "stage1", vals, ["SPICE"])
-            n["missing_metrics"] += 1
-            n["runs"] += 1
-            n["rank_curve"] += _write_curve(results, run, 80, 0.7 + 0.1 * (data == "human"),
-                                            "world")
-            n["rank_summary"] += 2
-            if data == "recap":  # the model the PEFT runs continue, on their dataset
-                n["rank_curve"] += _write_curve(results, run, 80, 0.75, "world_target",
-                                                "before_peft/world_target", "before_peft")
-                n["rank_summary"] += 2
-        # seed 003: PEFT methods and orders, prefix length variants
-        # (prefix_lora_p4 / _p16 are the cells of a `grids:` sweep, recorded as run.grid)
-        for method, stages, plen in (
-            ("lora", ["lora"], None),
-            ("prefix_lora", ["prefix", "lora"], 16),
-            ("prefix_lora_p4", ["prefix", "lora"], 4),
-            ("prefix_lora_p16", ["prefix", "lora"], 16),
-            ("lora_prefix", ["lora", "prefix"], 16),
-        ):
-            run = f"{method}_s{seed}"
-            key = {"method": method, "seed": seed}
-            chain = chain_of(stages, key, 3.0, 0.2)
-            peft = {"method": "lora", "r": 16}
-            if plen is not None:
-                peft["prefix_length"] = plen
-            config = {"seed": seed, "peft": peft}
-            grid = "plen" if method.startswith("prefix_lora_p") else None
-            if grid:
-                config["run"] = {"grid": grid}
-            _write_run(results, run, seed, chain, config, grid=grid,
-                       method_order="+".join(stages), prefix_length=plen)
-            cider = {
-                "lora": 1.17,
-                "prefix_lora": 1.31,
-                "prefix_lora_p4": 1.22,
-                "prefix_lora_p16": 1.30,
-                "lora_prefix": 1.20,
-            }[method] + 0.004 * rng.standard_normal()
-            vals = {
-                "world_target": {
-                    "Bleu_4": 0.35 + 0.01 * rng.standard_normal(),
-                    "CIDEr": cider,
-                    "trainable_pct": 0.54 if plen else 0.5,
-                    "effective_rank_0.9": 0.5 + 0.05 * rng.standard_normal(),
-                }
-            }
-            n["metrics"] += _write_metrics(results, run, stages[-1], vals, ["SPICE"])
-            n["missing_metrics"] += 1
-            n["rank_curve"] += _write_curve(
-                results, run, 80, 0.9 + 0.3 * (method == "lora"), "world_target"
-            )
-            n["rank_summary"] += 2
-            n["runs"] += 1
-    # reference LM: a text-only curve per dataset; a run in progress: run.json only
-    for dataset in ("world", "world_target"):
-        n["rank_curve"] += _write_curve(
-            results, "_reference_lm", 16, 0.8, dataset, dataset, "pretrained_lm", text=None
-        )
-        n["rank_summary"] += 1
-    chain = chain_of(["stage0"], {"data": "pending"}, 4.0, 0.2)
-    _write_run(results, "pending_s0", 0, chain, {"seed": 0})
-    n["runs"] += 1
-    (results / "runs" / "empty_dir").mkdir()  # a run that has not written anything yet
-    return n
-
 
 @pytest.fixture
 def tree(tmp_path: Path) -> tuple[Path, Path, dict[str, int]]:
@@ -341,9 +113,9 @@ def test_rank_curves_per_dataset_positions_and_reference(tree):
     curve = query(db, "SELECT * FROM rank_curve WHERE run = 'recap_s0' AND positions = 'text'")
     assert sorted(curve.groupby("dataset").size().items()) == [("world", 16), ("world_target", 16)]
     # a prefix variant's curve (2 samples) is not a row; one curve twice is an error
-    _write_curve(results, "lora_s0", 80, 0.5, "world_target", "variant-noise")
+    write_curve(results, "lora_s0", 80, 0.5, "world_target", "variant-noise")
     assert ingest(results, db)["rank_summary"] == len(s)
-    _write_curve(results, "lora_s0", 80, 0.5, "world_target", "world_target")
+    write_curve(results, "lora_s0", 80, 0.5, "world_target", "world_target")
     with pytest.raises(ResultsInputError, match=r"lora_s0/world_target/rank_curve\.json: run "
                        r"'lora_s0' already has a rank curve of image\+text positions on dataset "
                        r"'world_target'"):
@@ -468,7 +240,7 @@ def test_version_1_run_json_is_read_with_derived_fields(tree):
     for key in ("record_version", "base_run", "grid", "method_order", "prefix_length"):
         del obj[key]
     obj["config"] = {"run": {"grid": "plen"}, "peft": {"order": "prefix+lora", "prefix_length": 4}}
-    _write_json(results / "runs/prefix_lora_p4_s0/run.json", obj)
+    write_json(results / "runs/prefix_lora_p4_s0/run.json", obj)
     ingest(results, db)
     row = query(db, "SELECT * FROM runs WHERE run = 'prefix_lora_p4_s0'").iloc[0]
     assert (row["base_run"], row["seed"], row["grid"]) == ("prefix_lora_p4", 0, "plen")
@@ -484,7 +256,7 @@ def test_version_1_run_json_is_read_with_derived_fields(tree):
             r"runs/lora_s0/metrics\.json: invalid JSON",
         ),
         (
-            lambda r: _write_json(
+            lambda r: write_json(
                 r / "runs/lora_s0/metrics.json",
                 {
                     "schema_version": 1,
@@ -495,30 +267,30 @@ def test_version_1_run_json_is_read_with_derived_fields(tree):
             r"runs/lora_s0/metrics\.json: records\[0\] \(CIDEr\).*not a finite number",
         ),
         (
-            lambda r: _write_json(
+            lambda r: write_json(
                 r / "runs/lora_s0/metrics.json",
                 {"schema_version": 2, "run": "lora_s0", "records": []},
             ),
             r"metrics\.json: schema_version is 2",
         ),
         (
-            lambda r: _write_json(r / "runs/lora_s0/run.json", {"run": "other", "chain": []}),
+            lambda r: write_json(r / "runs/lora_s0/run.json", {"run": "other", "chain": []}),
             r"runs/lora_s0/run\.json: 'run' is 'other'",
         ),
         (
-            lambda r: _write_json(
+            lambda r: write_json(
                 r / "runs/lora_s0/run.json", {**_run_json(r, "lora_s0"), "record_version": 9}
             ),
             r"runs/lora_s0/run\.json: record_version is 9, this vlalign reads versions 1 and 2",
         ),
         (
-            lambda r: _write_json(
+            lambda r: write_json(
                 r / "runs/lora_s0/run.json", {**_run_json(r, "lora_s0"), "prefix_length": "16"}
             ),
             r"runs/lora_s0/run\.json: key 'prefix_length' must be int or null, got '16'",
         ),
         (
-            lambda r: _write_json(
+            lambda r: write_json(
                 r / "runs/lora_s0/rank_curve.json", {"k": [1, 2], "cumulative": [0.5]}
             ),
             r"rank_curve\.json: 'k' has 2 entries but 'cumulative' 1",

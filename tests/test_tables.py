@@ -12,11 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
-try:  # tests/ is on sys.path (pytest's default rootdir-less import mode)
-    from test_results_db import make_results_tree
-except ImportError:  # tests/ imported as a package
-    from tests.test_results_db import make_results_tree
+from helpers import make_results_tree
 
 from vlalign.results.db import ingest
 from vlalign.results.tables import (
