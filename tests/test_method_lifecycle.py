@@ -232,11 +232,11 @@ def test_toy_methods_in_the_real_stage_and_evaluation(tmp_path: Path):
     """The same methods as a stage's ``peft:`` block of the real ``train_stage``, evaluated by
     the evaluate rule's job: their variant and metric reach metrics.json, no caller names
     them."""
-    from peft_fixtures import build_world, saved_model, saved_peft, stage_settings, train
+    from peft_fixtures import build_peft_world, saved_model, saved_peft, stage_settings, train
 
     from vlalign.eval.job import EvalJob, evaluate_job, load_stage
 
-    world = build_world(tmp_path / "world")
+    world = build_peft_world(tmp_path / "world")
     base, _ = train(world, "stage1", stage_settings("world", "recaption", {"projector": 1e-2},
                                                     max_steps=1))
     stage_dir, result = train(world, "ft_toy", stage_settings(peft=copy.deepcopy(TOY)), base)
