@@ -36,6 +36,11 @@ from vlalign.models.backbones import default_device
 from vlalign.models.vlm import VisionLanguageModel
 
 STAGE_RECORD_KEYS = ("trainable_params", "trainable_pct", "heldout_loss")
+# the stage.json keys a PEFT stage's trainable records come from
+CHAIN_RECORD_KEYS = {
+    "trainable_params": "chain_trainable_params",
+    "trainable_pct": "chain_trainable_pct",
+}
 # variants are compared on captions; a curve of 2 samples is no rank row (records dropped)
 VARIANT_RANK_SAMPLES = 2
 
@@ -72,13 +77,17 @@ class LoadedStage:
         return self.session.variants() if self.session is not None else []
 
     def records(self) -> list[dict[str, Any]]:
-        """The stage's own records: trainable parameters (count, %), held-out loss, and the
-        methods' extra metrics."""
+        """The stage's own records: trainable parameters (count, %; for a PEFT stage the union
+        over its chain), held-out loss, and the methods' extra metrics."""
         info = self.info
-        missing = [k for k in STAGE_RECORD_KEYS if k not in info]
+        # a PEFT stage reports what its chain fine-tunes in all (seed 003 Table 2's column:
+        # LoRA→prefix counts LoRA + prefix though its last stage trains the prefix only)
+        chain = self.session is not None
+        keys = [CHAIN_RECORD_KEYS.get(k, k) if chain else k for k in STAGE_RECORD_KEYS]
+        missing = [k for k in keys if k not in info]
         if missing:
             raise ValueError(f"{self.dir / 'stage.json'}: missing keys {missing}")
-        out = [{"metric": k, "value": info[k]} for k in STAGE_RECORD_KEYS]
+        out = [{"metric": k, "value": info[s]} for k, s in zip(STAGE_RECORD_KEYS, keys)]
         if self.session is not None:
             out += [{"metric": k, "value": v} for k, v in self.session.extra_metrics().items()]
         return out

@@ -19,6 +19,7 @@ the hook handles both. :meth:`BottleneckMethod.remove` takes the adapters out ag
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -82,6 +83,10 @@ class BottleneckMethod(PeftMethod):
 
     parallel = False
     defaults: dict[str, Any] = {}
+    budget_key = "bottleneck_size"
+
+    def size_for_budget(self, lm: nn.Module, n_params: int, cfg: Mapping[str, Any]) -> int:
+        return bottleneck_for_budget(lm, n_params, _check_locations(cfg["locations"]))
 
     def _attach(self, lm: nn.Module, cfg: dict[str, Any]) -> nn.Module:
         locations = _check_locations(cfg["locations"])

@@ -21,6 +21,7 @@ from vlalign.methods.registry import PeftMethod, embedding_parameters, owner, re
 @register("full")
 class FullFineTuning(PeftMethod):
     defaults: dict[str, Any] = {}
+    adds_parameters = False  # trains the LM's own weights: no budget, no share of its own
 
     def _attach(self, lm: nn.Module, cfg: dict[str, Any]) -> nn.Module:
         # fixed at attach time: parameters of methods applied before (LoRA, adapters) or after

@@ -14,6 +14,7 @@ of any prefix (nesting under a peft prefix model lost them).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from peft import LoraConfig, inject_adapter_in_model
@@ -26,6 +27,7 @@ from vlalign.methods.registry import PeftMethod, register
 @register("lora")
 class LoraMethod(PeftMethod):
     wraps_base_layers = True  # q/k/v projections become lora.Linear wrappers
+    budget_key = "r"
     defaults = {
         "r": 16,
         "alpha": 32,
@@ -33,6 +35,24 @@ class LoraMethod(PeftMethod):
         "target_modules": ["q_proj", "k_proj", "v_proj"],
         "adapter_name": "lora",
     }
+
+    def size_for_budget(self, lm: nn.Module, n_params: int, cfg: Mapping[str, Any]) -> int:
+        """Largest rank whose A (r × in) and B (out × r) matrices on every targeted linear
+        layer fit in ``n_params``."""
+        targets = set(cfg["target_modules"])
+        per_rank = sum(
+            m.in_features + m.out_features
+            for name, m in lm.named_modules()
+            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+        )
+        if per_rank == 0:
+            raise ValueError(f"LoRA budget: no linear layer named {sorted(targets)} in the LM")
+        if n_params < per_rank:
+            raise ValueError(
+                f"LoRA budget {cfg['budget']!r} ({n_params} parameters) is below one rank "
+                f"({per_rank} parameters on {sorted(targets)})"
+            )
+        return n_params // per_rank
 
     def _attach(self, lm: nn.Module, cfg: dict[str, Any]) -> nn.Module:
         if any(isinstance(m, BaseTunerLayer) for m in lm.modules()):

@@ -23,6 +23,7 @@ Limitation: a cache-based prefix does not survive gradient checkpointing (v5's
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -224,6 +225,32 @@ class PrefixMethod(PeftMethod):
         "frozen": False,  # True: plain K/V (after :meth:`freeze`), nothing trainable
     }
     variants = tuple(v for v in PREFIX_VARIANTS if v != "normal")
+    # the MLP width: P prefix vectors span at most P dimensions, so a width >= P loses nothing
+    budget_key = "encoder_hidden"
+
+    @classmethod
+    def _check_budget_config(cls, cfg: Mapping[str, Any]) -> None:
+        if not cfg["use_mlp"] or cfg["frozen"]:
+            raise ValueError(
+                "PEFT method 'prefix': a budget sizes the prefix MLP (encoder_hidden); it needs "
+                "use_mlp: true and frozen: false"
+            )
+
+    def size_for_budget(self, lm: nn.Module, n_params: int, cfg: Mapping[str, Any]) -> int:
+        """Largest MLP width H with P·E (+E type) + E·H + H + H·O + O <= ``n_params``
+        (E: embedding width, O: K/V width of all layers)."""
+        text = text_config(lm)
+        layers, n_kv, head_dim = kv_geometry(text)
+        e = cfg["embed_dim"] or text.hidden_size
+        out = layers * 2 * n_kv * head_dim
+        fixed = cfg["num_prefix"] * e + (e if cfg["use_type_embedding"] else 0) + out
+        width = (n_params - fixed) // (e + 1 + out)
+        if width < 1:
+            raise ValueError(
+                f"prefix budget {cfg['budget']!r} ({n_params} parameters) is below the "
+                f"smallest prefix encoder ({fixed + e + 1 + out} parameters)"
+            )
+        return int(width)
 
     def _attach(self, lm: nn.Module, cfg: dict[str, Any]) -> nn.Module:
         names = [k for k in self.defaults if k != "frozen" and cfg[k] is not None]

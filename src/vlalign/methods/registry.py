@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -51,6 +52,8 @@ FORMAT_VERSION = 1
 _OWNER_ATTR = "_vlalign_peft_owner"
 # config keys every method accepts (embeddings and head frozen by default, as seed 003 trains them)
 COMMON_DEFAULTS: dict[str, Any] = {"train_embeddings": False, "train_lm_head": False}
+BUDGET = "budget"
+_SHARE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*$")
 
 M = TypeVar("M", bound="type[PeftMethod]")
 
@@ -153,6 +156,36 @@ def count_trainable(*modules: nn.Module | None) -> tuple[int, float]:
     return n, (100.0 * n / total if total else 0.0)
 
 
+def check_budget(value: Any, method: str) -> None:
+    """A ``budget:`` is a parameter count (int >= 1) or a share of the LM (``"0.26%"``)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return
+    m = _SHARE.match(value) if isinstance(value, str) else None
+    if m and 0 < float(m.group(1)) < 100:
+        return
+    raise ValueError(
+        f"PEFT method {method!r}: budget {value!r} must be a parameter count (an integer >= 1) "
+        "or a share of the LM's parameters such as '0.26%' (0 < share < 100)"
+    )
+
+
+def lm_base_parameters(lm: nn.Module) -> int:
+    """Parameters of the LM itself (tied counted once), without those PEFT methods added to it
+    (LoRA matrices, adapters); what a ``budget`` share is a share of."""
+    return sum(
+        p.numel()
+        for p in unique_parameters([lm])
+        if owner(p) is None or not get_method(owner(p)).adds_parameters
+    )
+
+
+def budget_params(lm: nn.Module, budget: int | str) -> int:
+    """A budget (:func:`check_budget`) as a parameter count on ``lm``."""
+    if isinstance(budget, str):
+        return int(float(budget.strip().rstrip("%")) / 100 * lm_base_parameters(lm))
+    return int(budget)
+
+
 # ---------------------------------------------------------------------------- base class
 class PeftMethod:
     """Base of every PEFT method. Subclasses set ``defaults`` and implement :meth:`_attach` and
@@ -168,6 +201,11 @@ class PeftMethod:
     # True if attaching replaces LM layers by wrappers (LoRA): a method training the LM's own
     # weights cannot be trained next to it (:meth:`check_composition`)
     wraps_base_layers: ClassVar[bool] = False
+    # False for a method that only trains the LM's own weights (``full``)
+    adds_parameters: ClassVar[bool] = True
+    # the config key a ``budget:`` sizes (LoRA ``r``, an adapter's ``bottleneck_size``, the
+    # prefix encoder's width); None: the method takes no budget
+    budget_key: ClassVar[str | None] = None
 
     def __init__(self) -> None:
         self.cfg: dict[str, Any] = {}
@@ -210,6 +248,16 @@ class PeftMethod:
         random variant gives the same tensors to every forward. Default: no inputs."""
         return {}
 
+    def size_for_budget(self, lm: nn.Module, n_params: int, cfg: Mapping[str, Any]) -> int:
+        """The largest value of :attr:`budget_key` whose parameters on ``lm`` fit in
+        ``n_params`` (ValueError if even the smallest does not); only methods with a
+        ``budget_key`` implement it."""
+        raise NotImplementedError
+
+    @classmethod
+    def _check_budget_config(cls, cfg: Mapping[str, Any]) -> None:
+        """Refuse (ValueError) a resolved config whose other keys a budget cannot size."""
+
     def check_composition(
         self, methods: Sequence[PeftMethod], lrs: Mapping[str, float]
     ) -> None:
@@ -223,15 +271,30 @@ class PeftMethod:
     # -- lifecycle ----------------------------------------------------------------------
     @classmethod
     def resolve_config(cls, cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-        """Defaults + ``cfg``; unknown keys → ValueError naming them."""
+        """Defaults + ``cfg``; unknown keys → ValueError naming them. A ``budget`` (methods
+        with a :attr:`budget_key`) is checked here, at plan time, and leaves its key None: the
+        size is computed from the LM when the method is applied (:meth:`size_for_budget`)."""
         known = {**COMMON_DEFAULTS, **cls.defaults}
+        if cls.budget_key is not None:
+            known[BUDGET] = None
         cfg = dict(cfg or {})
         unknown = sorted(set(cfg) - set(known))
         if unknown:
             raise ValueError(
                 f"PEFT method {cls.name!r}: unknown config keys {unknown}; known: {sorted(known)}"
             )
-        return {**known, **cfg}
+        out = {**known, **cfg}
+        if out.get(BUDGET) is not None:
+            check_budget(out[BUDGET], cls.name)
+            if cfg.get(cls.budget_key) is not None:
+                raise ValueError(
+                    f"PEFT method {cls.name!r}: set budget ({out[BUDGET]!r}) or "
+                    f"{cls.budget_key} ({cfg[cls.budget_key]!r}), not both: the budget sizes "
+                    f"{cls.budget_key}"
+                )
+            out[cls.budget_key] = None
+            cls._check_budget_config(out)
+        return out
 
     @property
     def applied(self) -> bool:
@@ -256,6 +319,10 @@ class PeftMethod:
             raise RuntimeError(f"PEFT method {self.name!r} is already applied; make a new one")
         self.cfg = self.resolve_config(cfg)
         lm = get_lm(model)
+        if self.cfg.get(BUDGET) is not None:
+            assert self.budget_key is not None
+            n = budget_params(lm, self.cfg[BUDGET])
+            self.cfg[self.budget_key] = self.size_for_budget(lm, n, self.cfg)
         if freeze_base:
             freeze_untagged(model)
         self.lm = lm
@@ -377,7 +444,12 @@ class PeftMethod:
         meta = read_method_meta(directory)
         method_cls = get_method(meta["method"]) if cls is PeftMethod else cls
         method = method_cls()
-        method.apply(model, meta["config"], freeze_base=freeze_base)
+        cfg = dict(meta["config"])
+        # the saved size is the one trained: re-apply it, keep the budget it came from
+        has_budget, budget = BUDGET in cfg, cfg.pop(BUDGET, None)
+        method.apply(model, cfg, freeze_base=freeze_base)
+        if has_budget:
+            method.cfg[BUDGET] = budget
         method.load(directory)
         return method
 

@@ -2,12 +2,14 @@
 
 ``peft: {prefix: {lr: 1e-3, num_prefix: 16}, lora: {lr: 1e-4, r: 16}}`` lists the methods this
 stage *trains*, each with its learning rate (0 = attached but frozen) and method config.
-Methods saved by the parent stage are re-attached first (frozen unless listed again), so a
-chain expresses every PT-PEFT order of seed 003:
+Methods saved by the parent stage are re-attached first and stay frozen unless listed again, so
+a chain expresses every PT-PEFT order of seed 003 (Table 2, Table 5b):
 
 - ``X``: one stage with ``{X: ...}``;
-- ``prefix→X``: ``{prefix: ...}`` then ``{X: ..., prefix: ...}`` (phase B trains both);
-- ``X→prefix``: ``{X: ...}`` then ``{prefix: ..., X: ...}``;
+- ``prefix→X``: ``{prefix: ...}`` then ``{X: ..., prefix: ...}`` (phase B trains both: "we
+  adjust the parameters, including prefixes", seed 003 §3);
+- ``X→prefix`` (the reverse order): ``{X: ...}`` then ``{prefix: ...}`` alone — phase B trains
+  only the prefix, X stays attached and frozen (listing X again would make it LoRA → parallel);
 - parallel: one stage with ``{prefix: ..., X: ...}``;
 - alternation: ``prefix, X, prefix, X, …`` with the epochs split between them.
 """
@@ -31,6 +33,7 @@ from vlalign.methods.registry import (
     load_methods,
     merge_inputs,
     save_methods,
+    unique_parameters,
 )
 
 PEFT_DIR = "peft"
@@ -153,6 +156,32 @@ class PeftSession:
     def count_trainable(self, model: nn.Module) -> tuple[int, float]:
         return count_trainable(model, *[m.module for m in self.methods])
 
+    def chain_trained(self, before: list[str]) -> list[str]:
+        """The methods trained in this stage or (``before``: the parent's record) earlier in
+        the chain: what a PT-PEFT chain fine-tunes in all."""
+        return sorted(set(before) | {m.name for m in self.trained()})
+
+    def count_chain(self, model: nn.Module, before: list[str]) -> tuple[int, float]:
+        """``(params, %)`` of the union of what this stage trains and what the methods in
+        ``before`` trained in earlier stages (each parameter once): seed 003 Table 2's count
+        of a chain, e.g. prefix→LoRA = prefix + LoRA even when its last stage trains one."""
+        earlier = [m for m in self.methods if m.name in before]
+        unknown = sorted(set(before) - {m.name for m in self.methods})
+        if unknown:
+            raise ValueError(f"methods {unknown} trained earlier in the chain are not attached")
+        modules = [model, *[m.module for m in self.methods]]
+        seen: set[int] = set()
+        n = total = 0
+        earlier_ids = {id(p) for m in earlier for p in m.trainable_parameters()}
+        for p in unique_parameters(modules):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            if p.requires_grad or id(p) in earlier_ids:
+                n += p.numel()
+        return n, (100.0 * n / total if total else 0.0)
+
     def state_dict(self) -> dict[str, dict]:
         return {m.name: m.state_dict() for m in self.methods}
 
@@ -190,7 +219,12 @@ def attach_peft(
         lrs[name] = float(cfg.pop("lr"))
         method = next((m for m in methods if m.name == name), None)
         if method is not None:
-            differ = {k: v for k, v in cfg.items() if method.cfg.get(k) != v}
+            differ = {
+                k: v
+                for k, v in cfg.items()
+                # a budget leaves its key None until the method is sized on the LM
+                if method.cfg.get(k) != v and not (v is None and k == method.budget_key)
+            }
             if differ:  # the parent's trained method keeps its own shape
                 log.warning(
                     "peft.%s: attached from the parent stage; ignoring %s (parent has %s)",

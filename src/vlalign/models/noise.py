@@ -16,7 +16,8 @@ decoder LM has no ``[MASK]`` embedding.
 * Each chosen token is replaced by a token drawn uniformly from
   ``{0..vocab_size-1} \\ protected_ids \\ {original token}``, so every chosen position really
   changes and no special token is ever introduced.
-* Everything is drawn from ``generator`` (CPU), so a seeded generator gives identical results.
+* Everything is drawn from ``generator`` (CPU), so a seeded generator gives identical results;
+  the training loop seeds it per micro-batch and process (:func:`noise_seed`).
 * Only the *input* ids are corrupted; the caller keeps the clean ids as targets.
 """
 
@@ -25,6 +26,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+
+# far above seed·7919 + step·131 of any stage: no two (process, step) pairs share a seed
+_PROCESS_STRIDE = 1_000_000_007
+
+
+def noise_seed(seed: int, step: int, micro: int, process_index: int = 0) -> int:
+    """Seed of the stage0 noise of one micro-batch, a pure function of (stage seed, optimizer
+    step, micro-batch, process) so resumption is exact. Each data-parallel rank
+    (``accelerator.process_index``) draws its own noise; rank 0 keeps the single-process
+    value."""
+    return seed * 7_919 + step * 131 + micro + process_index * _PROCESS_STRIDE
 
 
 def num_corrupted(n_eligible: torch.Tensor, fraction: float) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import logging
 import math
 import os
@@ -34,6 +35,7 @@ from vlalign.config import schema_defaults
 from vlalign.data.tokenizer import load_tokenizer, vlm_token_ids
 from vlalign.io_utils import atomic_path, stable_hash, write_json_atomic
 from vlalign.models.backbones import load_image_processor
+from vlalign.models.noise import noise_seed
 from vlalign.models.vlm import VisionLanguageModel
 from vlalign.runs.settings import StageSettings, as_stage_settings
 from vlalign.train.data import StageExamples, collate
@@ -240,6 +242,23 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def parent_peft_trained(parent: Path | None) -> list[str]:
+    """The PEFT methods the parent stage's chain trained (its ``stage.json``); a stage without
+    methods written before that record existed trained none."""
+    if parent is None:
+        return []
+    path = parent / "stage.json"
+    info = json.loads(path.read_text())
+    if "peft_trained" in info:
+        return list(info["peft_trained"])
+    if info.get("peft"):
+        raise ValueError(
+            f"{path}: has PEFT methods {info['peft']} but no 'peft_trained' (written by an "
+            "older vlalign: retrain that stage)"
+        )
+    return []
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, float]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -295,6 +314,9 @@ class StageSession:
     steps: StepPlan
     n_trainable: int
     trainable_pct: float
+    peft_trained: list[str]  # methods trained in this stage or earlier in the chain
+    chain_trainable: int  # this stage's trainable params ∪ those of peft_trained (count once)
+    chain_trainable_pct: float
     identity: dict[str, Any]  # what a checkpoint must match (checkpoint_identity)
     started: str
     n_image_tokens: int | None = None
@@ -363,6 +385,9 @@ def build_session(
                     gradient_checkpointing_kwargs={"use_reentrant": False}
                 )
     n_trainable, pct = peft.count_trainable(model) if peft else count_parameters(model)
+    before = parent_peft_trained(paths.parent)
+    peft_trained = peft.chain_trained(before) if peft else []
+    chain_n, chain_pct = peft.count_chain(model, before) if peft else (n_trainable, pct)
 
     processor = load_image_processor(paths.vision) if paths.features is None else None
     train = stage_examples(paths, "train", settings, tokenizer, processor)
@@ -395,6 +420,9 @@ def build_session(
         steps=steps,
         n_trainable=n_trainable,
         trainable_pct=pct,
+        peft_trained=peft_trained,
+        chain_trainable=chain_n,
+        chain_trainable_pct=chain_pct,
         identity=checkpoint_identity(stage_hash, settings),
         started=started,
     )
@@ -454,7 +482,9 @@ def train_step(session: StageSession, step: int) -> dict[str, float]:
     for k, batch in enumerate(micro_batches):
         batch = _to(batch, acc.device)
         n = int((batch["labels"] != -100).sum())
-        noise_gen = torch.Generator(device="cpu").manual_seed(session.seed * 7_919 + step * 131 + k)
+        noise_gen = torch.Generator(device="cpu").manual_seed(
+            noise_seed(session.seed, step, k, acc.process_index)
+        )
         last = k == len(micro_batches) - 1
         ctx = acc.no_sync(model) if not last and world > 1 else contextlib.nullcontext()
         with ctx, acc.autocast():
@@ -529,6 +559,9 @@ def finish(session: StageSession, rows: list[dict]) -> dict[str, Any]:
             "trainable_params": session.n_trainable,
             "trainable_pct": session.trainable_pct,
             "peft": sorted(m.name for m in peft.methods) if peft else [],
+            "peft_trained": session.peft_trained,
+            "chain_trainable_params": session.chain_trainable,
+            "chain_trainable_pct": session.chain_trainable_pct,
             "image_tokens": session.n_image_tokens,
             "device": str(acc.device),
             "processes": session.processes,
