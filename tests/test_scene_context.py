@@ -99,6 +99,7 @@ def test_prefixed_batch_layout(world, tok) -> None:
 def test_scene_prefix_side_must_match_the_vision_patches() -> None:
     config = {
         "datasets": {"world": {}},
+        "tokenizer": {"source": "train", "corpus": ["world"]},  # validated configs always have one
         "vision": {"source": "tiny", "config": {"image_size": 48, "patch_size": 8},
                    "pretrain": {"datasets": ["world"]}},  # fmt: skip
         "lm": {"source": "tiny", "config": {"hidden_size": 8},
