@@ -29,9 +29,18 @@ run: setup
 	$(BIN)/snakemake --cores $(CORES) $(if $(PROFILE),--profile $(PROFILE)) $(SNAKEMAKE_ARGS) all
 
 # The test suite, with the system tools it needs (Java for pycocoevalcap, TeX, a local SLURM).
+# The local SLURM runs for the whole session: Snakemake's SLURM executor plugin runs
+# `scontrol show config` whenever snakemake starts, which blocks ~9 s while SLURM is installed
+# but its controller is down — on each of the suite's many snakemake calls.
 test: setup
 	bash scripts/install_system_deps.sh
-	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	started=0; \
+	if command -v slurmctld >/dev/null && ! bash scripts/slurm_local.sh status >/dev/null 2>&1; then \
+	    bash scripts/slurm_local.sh start && started=1 || true; \
+	fi; \
+	$(BIN)/python -m pytest -q -ra --durations=15 $(PYTEST_ARGS); rc=$$?; \
+	if [ $$started = 1 ]; then bash scripts/slurm_local.sh stop; fi; \
+	exit $$rc
 
 lint: setup
 	$(BIN)/ruff check src tests bench

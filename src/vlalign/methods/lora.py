@@ -17,11 +17,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from vlalign.methods.registry import PeftMethod, register
+
+
+def _tuner_layer() -> type:
+    # peft is imported on first use: importing it costs ~4 s, and building the DAG (which
+    # validates method blocks through the registry) needs no LoRA layer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return BaseTunerLayer
 
 
 @register("lora")
@@ -55,7 +61,9 @@ class LoraMethod(PeftMethod):
         return n_params // per_rank
 
     def _attach(self, lm: nn.Module, cfg: dict[str, Any]) -> nn.Module:
-        if any(isinstance(m, BaseTunerLayer) for m in lm.modules()):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        if any(isinstance(m, _tuner_layer()) for m in lm.modules()):
             raise ValueError("this LM already holds peft adapter layers; apply LoRA only once")
         peft_cfg = LoraConfig(
             r=int(cfg["r"]),
@@ -73,12 +81,12 @@ class LoraMethod(PeftMethod):
             if id(p) in flags:
                 p.requires_grad_(flags[id(p)])
         for module in lm.modules():  # new dropout modules start in train mode: follow the LM
-            if isinstance(module, BaseTunerLayer):
+            if isinstance(module, _tuner_layer()):
                 module.train(lm.training)
         name = cfg["adapter_name"]
         layers = nn.ModuleDict()
         for mod_name, module in lm.named_modules():
-            if isinstance(module, BaseTunerLayer) and name in getattr(module, "lora_A", {}):
+            if isinstance(module, _tuner_layer()) and name in getattr(module, "lora_A", {}):
                 key = mod_name.replace(".", "__")
                 layers[key] = nn.ModuleDict({"A": module.lora_A[name], "B": module.lora_B[name]})
         return layers
@@ -93,13 +101,13 @@ class LoraMethod(PeftMethod):
     def adapted_modules(self) -> list[str]:
         """LM module names that received LoRA (e.g. ``model.layers.0.self_attn.q_proj``)."""
         lm = self._require_applied()
-        return [n for n, m in lm.named_modules() if isinstance(m, BaseTunerLayer)]
+        return [n for n, m in lm.named_modules() if isinstance(m, _tuner_layer())]
 
     def _unwrap(self, merge: bool) -> None:
         """Put the plain base layers back (``merge``: with ``B·A·α/r`` folded in first)."""
         lm = self._require_applied()
         for name, module in list(lm.named_modules()):
-            if isinstance(module, BaseTunerLayer):
+            if isinstance(module, _tuner_layer()):
                 if merge:
                     module.merge(adapter_names=[self.cfg["adapter_name"]])
                 parent_name, _, child = name.rpartition(".")
