@@ -387,3 +387,28 @@ def test_projector_hidden_width_is_a_config_key():
     assert _n(wide.parameters()) == pytest.approx(18e6, rel=0.01)  # seed 002's 18 M
     with pytest.raises(ConfigError, match="hidden"):
         load_config(PAPER, {"model": {"projector_kwargs": {"hidden": 0}}})
+
+
+def test_paper_recipe_has_table6_full_shot_pathvqa_and_single_ablation_baselines():
+    config = load_config(PAPER)
+    stages, runs = plan(config)
+
+    def chain(run: str) -> list[tuple[str, str]]:
+        return [(stages[h].name, stages[h].settings["mask"]) for h in runs[run].stages]
+
+    align4 = chain("align4_s0")
+    assert [n for n, _ in align4] == ["stage0", "stage1", "stage2", "stage3"]
+    # mask_only differs from align4 in the mask of stages 1-3 alone
+    mask_only = chain("mask_only_s0")
+    assert [n for n, _ in mask_only] == [n for n, _ in align4]
+    assert mask_only[0] == align4[0] and {m for _, m in mask_only[1:]} == {"causal"}
+    assert {m for _, m in align4[1:]} == {"prefix"}
+    # no_stage0 is align4 without its first stage, the same stages otherwise
+    assert runs["no_stage0_s0"].stages[0] != runs["align4_s0"].stages[1]  # no stage0 parent
+    assert chain("no_stage0_s0") == align4[1:]
+    # full-shot COCO and PathVQA continue the aligned model
+    assert runs["coco_full_shot_s0"].stages[:-1] == runs["align4_s0"].stages
+    assert stages[runs["coco_full_shot_s0"].stages[-1]].settings["dataset"] == "coco_karpathy"
+    assert runs["pathvqa_s0"].stages[:-1] == runs["align4_s0"].stages
+    assert runs["pathvqa_s0"].eval_datasets == ["pathvqa"]
+    assert stages[runs["pathvqa_s0"].stages[-1]].settings["text"] == "qa"
