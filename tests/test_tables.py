@@ -130,6 +130,19 @@ def test_known_numbers_exact_latex(known_db):
     assert cell.n == 2 and math.isclose(cell.std, math.sqrt(50), rel_tol=1e-9)
 
 
+def test_unranked_rows_are_shown_but_never_marked(known_db):
+    # prefix_lora has the best CIDEr; declared a reference row, it keeps its value unmarked and
+    # the best of the remaining rows is bold
+    spec = spec_from_dict({**KNOWN_SPEC, "unranked_rows": ["prefix_lora"]})
+    result = render_table(known_db, spec)
+    cider = result.columns.index(next(c for c in result.columns if c.key == ("CIDEr",)))
+    assert result.cells[(("prefix_lora",), cider)].rank is None
+    assert result.cells[(("prefix_lora",), cider)].mean == 125.0
+    assert result.cells[(("full_ft",), cider)].rank == "best"
+    with pytest.raises(TableSpecError, match="unranked_rows must be a list"):
+        spec_from_dict({**KNOWN_SPEC, "unranked_rows": "prefix_lora"}, source="s.yaml")
+
+
 def test_lower_is_better_and_per_column_format(known_db):
     spec = spec_from_dict(
         {

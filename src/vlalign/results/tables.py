@@ -75,6 +75,8 @@ class TableSpec:
     column_order: dict[str, list[Any]] = field(default_factory=dict)
     column_format: dict[str, ColumnFormat] = field(default_factory=dict)
     extra_columns: list[ExtraColumn] = field(default_factory=list)
+    # rows shown but never marked best/second (a reference such as a chance level)
+    unranked_rows: list[str] = field(default_factory=list)
     source: str = "<dict>"
 
     def label_of(self, value: Any) -> str:
@@ -159,6 +161,7 @@ _SPEC_KEYS = {
     "column_order",
     "column_format",
     "extra_columns",
+    "unranked_rows",
 }
 _EXTRA_KEYS = {
     "name",
@@ -255,8 +258,18 @@ def spec_from_dict(d: dict, source: str = "<dict>") -> TableSpec:
         column_order={k: list(v) for k, v in column_order.items()},
         column_format=column_format,
         extra_columns=extras,
+        unranked_rows=[_key_str(v) for v in _as_list_or_empty(d, "unranked_rows", source)],
         source=source,
     )
+
+
+def _as_list_or_empty(d: dict, key: str, source: str) -> list:
+    v = d.get(key)
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise TableSpecError(f"{source}: {key} must be a list of row values")
+    return v
 
 
 def load_spec(path: str | Path) -> TableSpec:
@@ -359,10 +372,15 @@ def _run_query(db_path: str | Path, sql: str, needed: list[str], where: str) -> 
 
 
 def _rank(result: TableResult) -> None:
+    unranked = set(result.spec.unranked_rows)
     for j, col in enumerate(result.columns):
         if col.fmt.better is None:
             continue
-        cells = [c for (r, jj), c in result.cells.items() if jj == j]
+        cells = [
+            c
+            for (r, jj), c in result.cells.items()
+            if jj == j and not unranked & {_key_str(x) for x in r}
+        ]
         # Compare at display precision so visibly equal numbers tie.
         vals = sorted(
             {round(c.mean, col.fmt.decimals) for c in cells}, reverse=col.fmt.better == "higher"
