@@ -147,12 +147,16 @@ def unique_parameters(modules: Iterable[nn.Module | None]) -> Iterator[nn.Parame
                 yield p
 
 
-def count_trainable(*modules: nn.Module | None) -> tuple[int, float]:
+def count_trainable(
+    *modules: nn.Module | None, also: Iterable[nn.Parameter] = ()
+) -> tuple[int, float]:
     """``(trainable params, 100 * trainable / total)`` over the union of ``modules`` (shared or
-    tied parameters counted once), e.g. ``count_trainable(vlm, prefix_encoder)``."""
+    tied parameters counted once), e.g. ``count_trainable(vlm, prefix_encoder)``; ``also``:
+    parameters counted as trained though frozen now (trained earlier in a chain)."""
     params = list(unique_parameters(modules))
+    also_ids = {id(p) for p in also}
     total = sum(p.numel() for p in params)
-    n = sum(p.numel() for p in params if p.requires_grad)
+    n = sum(p.numel() for p in params if p.requires_grad or id(p) in also_ids)
     return n, (100.0 * n / total if total else 0.0)
 
 

@@ -33,7 +33,6 @@ from vlalign.methods.registry import (
     load_methods,
     merge_inputs,
     save_methods,
-    unique_parameters,
 )
 
 PEFT_DIR = "peft"
@@ -165,22 +164,11 @@ class PeftSession:
         """``(params, %)`` of the union of what this stage trains and what the methods in
         ``before`` trained in earlier stages (each parameter once): seed 003 Table 2's count
         of a chain, e.g. prefix→LoRA = prefix + LoRA even when its last stage trains one."""
-        earlier = [m for m in self.methods if m.name in before]
         unknown = sorted(set(before) - {m.name for m in self.methods})
         if unknown:
             raise ValueError(f"methods {unknown} trained earlier in the chain are not attached")
-        modules = [model, *[m.module for m in self.methods]]
-        seen: set[int] = set()
-        n = total = 0
-        earlier_ids = {id(p) for m in earlier for p in m.trainable_parameters()}
-        for p in unique_parameters(modules):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            total += p.numel()
-            if p.requires_grad or id(p) in earlier_ids:
-                n += p.numel()
-        return n, (100.0 * n / total if total else 0.0)
+        earlier = [p for m in self.methods if m.name in before for p in m.trainable_parameters()]
+        return count_trainable(model, *[m.module for m in self.methods], also=earlier)
 
     def state_dict(self) -> dict[str, dict]:
         return {m.name: m.state_dict() for m in self.methods}
