@@ -249,7 +249,7 @@ def before_peft(
     by_chain = {tuple(r.stages): r.name for r in runs.values()}
     pairs: set[tuple[str, str]] = set()
     for r in runs.values():
-        first = next((i for i, h in enumerate(r.stages) if stages[h].settings.get("peft")), None)
+        first = next((i for i, h in enumerate(r.stages) if stages[h].resolved.peft), None)
         parent = by_chain.get(tuple(r.stages[:first])) if first else None
         if parent is not None:
             pairs |= {(parent, d) for d in r.eval_datasets if d not in runs[parent].eval_datasets}
