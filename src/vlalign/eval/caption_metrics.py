@@ -24,8 +24,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
@@ -33,6 +35,14 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.spice import get_stanford_models as _spice_models
 from pycocoevalcap.tokenizer import ptbtokenizer as _ptb
 from tqdm import tqdm
+
+from vlalign.eval.resampling import (
+    ResampleScheme,
+    bleu_resamples,
+    cider_resamples,
+    mean_resamples,
+    meteor_resamples,
+)
 
 CAPTION_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 SPICE_MODES = ("auto", "off", "require")
@@ -183,6 +193,151 @@ def _run_spice(gts: dict, res: dict) -> float:
     return float(score)
 
 
+@dataclass
+class CaptionScores:
+    """What :meth:`CaptionScorer.score` returns: corpus scores (pycocoevalcap's raw scale),
+    metrics not computed (``{"metric", "reason"}``) and, when a resample scheme was given,
+    each metric's score per image resample (:mod:`vlalign.eval.resampling`)."""
+
+    scores: dict[str, float]
+    missing: list[dict]
+    resamples: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class CaptionScorer:
+    """pycocoevalcap's metrics, with one METEOR JVM for every :meth:`score` call (a job's
+    datasets and inference variants). Use as a context manager: the JVM is started on first
+    use and always shut down on exit."""
+
+    def __init__(self, spice: str = "auto") -> None:
+        if spice not in SPICE_MODES:
+            raise ValueError(f"spice must be one of {SPICE_MODES}, got {spice!r}")
+        self.spice = spice
+        self._stack = contextlib.ExitStack()
+        self._meteor: Meteor | None = None
+
+    def __enter__(self) -> CaptionScorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+        self._meteor = None
+
+    def _meteor_eval(self, stats: list[str]) -> float:
+        """The jar's aggregate METEOR of these segment statistics (pycocoevalcap's protocol:
+        one ``EVAL`` line, one score line per segment, then the aggregate)."""
+        if self._meteor is None:
+            self._meteor = self._stack.enter_context(_meteor())
+        m = self._meteor
+        with m.lock:
+            m.meteor_p.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode())
+            m.meteor_p.stdin.flush()
+            for _ in stats:
+                m.meteor_p.stdout.readline()
+            return float(m.meteor_p.stdout.readline().strip())
+
+    def _meteor_stats(self, gts: dict, res: dict, ids: list) -> list[str]:
+        if self._meteor is None:
+            self._meteor = self._stack.enter_context(_meteor())
+        # Meteor's line protocol uses "|||" as separator; it only strips it from hypotheses
+        with self._meteor.lock:
+            return [
+                self._meteor._stat(res[i][0], [r.replace("|||", "") for r in gts[i]])
+                for i in ids
+            ]
+
+    def score(
+        self,
+        predictions: dict[str, str],
+        references: dict[str, list[str]],
+        *,
+        resample: ResampleScheme | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> CaptionScores:
+        """Score captions over the images in ``predictions``.
+
+        Args:
+            predictions: image id → generated caption (an empty string is valid and scores 0).
+            references: image id → non-empty list of reference captions. Ids without a
+                prediction are ignored (a reference file may cover more images).
+            resample: if given, every metric is also scored on these image resamples; the
+                images are taken in ``predictions``' order (``resample.n_images`` of them).
+            timings: if given, filled with wall seconds per step ("tokenize", "Bleu",
+                "METEOR", "ROUGE_L", "CIDEr", "SPICE").
+        """
+        ids = _validate(predictions, references)
+        timings = {} if timings is None else timings
+        spice = self.spice
+        spice_reason = "disabled" if spice == "off" else spice_missing_reason()
+        if spice == "require" and spice_reason is not None:
+            raise CaptionMetricError(f"SPICE required but unavailable: {spice_reason}")
+        if resample is not None and resample.n_images != len(ids):
+            raise ValueError(
+                f"resample scheme {resample.key!r} is for {resample.n_images} images, "
+                f"got {len(ids)} predictions"
+            )
+        weights = resample.weights() if resample is not None else None
+
+        # tokenize predictions and references in one JVM; pycocoevalcap keys may be any hashable
+        flat = [predictions[i] for i in ids]
+        spans = []
+        for i in ids:
+            spans.append((len(flat), len(flat) + len(references[i])))
+            flat.extend(references[i])
+        t0 = time.perf_counter()
+        tokens = ptb_tokenize(flat)
+        timings["tokenize"] = time.perf_counter() - t0
+        res = {i: [tokens[k]] for k, i in enumerate(ids)}
+        gts = {i: tokens[a:b] for i, (a, b) in zip(ids, spans)}
+        for i in ids:
+            for j, ref in enumerate(gts[i]):
+                if not ref:
+                    raise ValueError(
+                        f"reference {j} of image id {i!r} is empty after tokenization: "
+                        f"{references[i][j]!r}"
+                    )
+
+        out = CaptionScores(scores={}, missing=[])
+        scores, resamples = out.scores, out.resamples
+        steps = ["Bleu", "METEOR", "ROUGE_L", "CIDEr"]
+        steps += ["SPICE"] if spice_reason is None else []
+        for step in tqdm(steps, desc="caption metrics", disable=None):
+            t0 = time.perf_counter()
+            if step == "Bleu":
+                bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+                scores.update({f"Bleu_{n + 1}": float(b) for n, b in enumerate(bleu)})
+                if weights is not None:
+                    resamples.update(bleu_resamples(gts, res, ids, weights, bleu))
+            elif step == "METEOR":
+                stats = self._meteor_stats(gts, res, ids)
+                scores["METEOR"] = self._meteor_eval(stats)
+                if weights is not None:
+                    resamples["METEOR"] = meteor_resamples(
+                        stats, weights, scores["METEOR"], self._meteor_eval
+                    )
+            elif step == "ROUGE_L":
+                rouge, per_image = Rouge().compute_score(gts, res)
+                scores["ROUGE_L"] = float(rouge)
+                if weights is not None:
+                    resamples["ROUGE_L"] = mean_resamples("ROUGE_L", per_image, weights, rouge)
+            elif step == "CIDEr":
+                scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+                if weights is not None:
+                    resamples["CIDEr"] = cider_resamples(gts, res, ids, weights, scores["CIDEr"])
+            else:
+                try:
+                    scores["SPICE"] = _run_spice(gts, res)
+                except (subprocess.CalledProcessError, OSError, ValueError) as e:
+                    if spice == "require":
+                        raise CaptionMetricError(f"SPICE failed: {e!r}") from e
+                    spice_reason = f"SPICE failed: {e!r}"
+            timings[step] = time.perf_counter() - t0
+
+        if spice_reason is not None:
+            out.missing.append({"metric": "SPICE", "reason": spice_reason})
+        return out
+
+
 def score_captions(
     predictions: dict[str, str],
     references: dict[str, list[str]],
@@ -190,76 +345,14 @@ def score_captions(
     *,
     timings: dict[str, float] | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
-    """Score captions with pycocoevalcap over the images in ``predictions``.
-
-    Args:
-        predictions: image id → generated caption (an empty string is valid and scores 0).
-        references: image id → non-empty list of reference captions. Ids without a prediction
-            are ignored (a reference file may cover more images than were generated).
-        spice: "auto" (run SPICE if its CoreNLP jars are installed, else report it missing),
-            "off" (report it missing, reason "disabled"), "require" (raise if it cannot run).
-        timings: if given, filled with wall seconds per step ("tokenize", "Bleu", "METEOR",
-            "ROUGE_L", "CIDEr", "SPICE").
+    """Score captions with pycocoevalcap over the images in ``predictions`` (one
+    :class:`CaptionScorer` call; see :meth:`CaptionScorer.score` for the arguments).
 
     Returns:
         ``(scores, missing)``: scores maps pycocoevalcap metric names (Bleu_1..Bleu_4, METEOR,
         ROUGE_L, CIDEr, SPICE) to corpus-level floats in pycocoevalcap's raw scale (0..1, CIDEr
         unbounded); missing lists ``{"metric", "reason"}`` for metrics not computed.
     """
-    if spice not in SPICE_MODES:
-        raise ValueError(f"spice must be one of {SPICE_MODES}, got {spice!r}")
-    ids = _validate(predictions, references)
-    timings = {} if timings is None else timings
-    spice_reason = "disabled" if spice == "off" else spice_missing_reason()
-    if spice == "require" and spice_reason is not None:
-        raise CaptionMetricError(f"SPICE required but unavailable: {spice_reason}")
-
-    # tokenize predictions and references in one JVM; pycocoevalcap keys may be any hashable
-    flat = [predictions[i] for i in ids]
-    spans = []
-    for i in ids:
-        spans.append((len(flat), len(flat) + len(references[i])))
-        flat.extend(references[i])
-    t0 = time.perf_counter()
-    tokens = ptb_tokenize(flat)
-    timings["tokenize"] = time.perf_counter() - t0
-    res = {i: [tokens[k]] for k, i in enumerate(ids)}
-    gts = {i: tokens[a:b] for i, (a, b) in zip(ids, spans)}
-    for i in ids:
-        for j, ref in enumerate(gts[i]):
-            if not ref:
-                raise ValueError(
-                    f"reference {j} of image id {i!r} is empty after tokenization: "
-                    f"{references[i][j]!r}"
-                )
-
-    scores: dict[str, float] = {}
-    missing: list[dict] = []
-
-    steps = ["Bleu", "METEOR", "ROUGE_L", "CIDEr"] + (["SPICE"] if spice_reason is None else [])
-    for step in tqdm(steps, desc="caption metrics", disable=None):
-        t0 = time.perf_counter()
-        if step == "Bleu":
-            bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-            scores.update({f"Bleu_{n + 1}": float(b) for n, b in enumerate(bleu)})
-        elif step == "METEOR":
-            # Meteor's line protocol uses "|||" as separator; it only strips it from hypotheses
-            meteor_gts = {i: [r.replace("|||", "") for r in refs] for i, refs in gts.items()}
-            with _meteor() as meteor:
-                scores["METEOR"] = float(meteor.compute_score(meteor_gts, res)[0])
-        elif step == "ROUGE_L":
-            scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
-        elif step == "CIDEr":
-            scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
-        else:
-            try:
-                scores["SPICE"] = _run_spice(gts, res)
-            except (subprocess.CalledProcessError, OSError, ValueError) as e:
-                if spice == "require":
-                    raise CaptionMetricError(f"SPICE failed: {e!r}") from e
-                spice_reason = f"SPICE failed: {e!r}"
-        timings[step] = time.perf_counter() - t0
-
-    if spice_reason is not None:
-        missing.append({"metric": "SPICE", "reason": spice_reason})
-    return scores, missing
+    with CaptionScorer(spice) as scorer:
+        out = scorer.score(predictions, references, timings=timings)
+    return out.scores, out.missing

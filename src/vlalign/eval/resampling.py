@@ -1,0 +1,187 @@
+"""Corpus caption scores recomputed on image resamples (the inner level of the hierarchical
+bootstrap in :mod:`vlalign.results.stats`).
+
+A resample draws the test images with replacement; its score is the corpus score pycocoevalcap
+would give on that multiset (a drawn image counts as often as it was drawn, in CIDEr's document
+frequencies too). Every run evaluated on the same images gets the same resamples (they depend
+only on :class:`ResampleScheme`), so two runs can be compared image for image.
+
+From per-image sufficient statistics, computed once per run:
+- BLEU-1..4: pycocoevalcap's per-image counts (hypothesis length, closest reference length,
+  guessed and matched n-grams), summed with the resample's weights;
+- ROUGE-L: pycocoevalcap's corpus score is the mean of its per-image scores;
+- CIDEr-D: its idf weights are ``log N - log max(1, df)`` with df counted over the resample, so
+  each resample re-weights n-grams. ``min(tf_h idf, tf_r idf) = min(tf_h, tf_r) idf`` (idf >= 0),
+  so every dot product and norm is linear in idf², one sparse product per resample;
+- METEOR: the jar's own aggregate, one ``EVAL`` line of resampled segment statistics each (the
+  JVM that scored the run does it: no second JVM, nothing re-aligned).
+Every family is checked against pycocoevalcap's full-set score before it is returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+from pycocoevalcap.cider.cider_scorer import precook
+from scipy import sparse
+
+DEFAULT_RESAMPLES = 200
+# pycocoevalcap's CIDEr-D: n-gram orders, length-penalty sigma, scale
+_CIDER_N, _CIDER_SIGMA, _CIDER_SCALE = 4, 6.0, 10.0
+
+
+class ResampleCheckError(RuntimeError):
+    """A resampled metric did not reproduce pycocoevalcap's score on the full image set."""
+
+
+@dataclass(frozen=True)
+class ResampleScheme:
+    """Which resamples: ``count`` draws of ``n_images`` indices, seeded by ``key`` (dataset,
+    split and the config's seed) so that every run on the same images gets the same draws."""
+
+    key: str
+    n_images: int
+    count: int = DEFAULT_RESAMPLES
+
+    def indices(self) -> np.ndarray:
+        """``(count, n_images)`` image indices (with replacement)."""
+        seed = int.from_bytes(hashlib.sha256(self.key.encode()).digest()[:8], "little")
+        return np.random.default_rng(seed).integers(0, self.n_images, (self.count, self.n_images))
+
+    def weights(self) -> np.ndarray:
+        """``(count, n_images)``: how often each image is drawn in each resample."""
+        idx = self.indices()
+        w = np.zeros((self.count, self.n_images))
+        np.add.at(w, (np.repeat(np.arange(self.count), self.n_images), idx.ravel()), 1.0)
+        return w
+
+    def as_dict(self) -> dict:
+        return {"key": self.key, "n_images": self.n_images, "count": self.count}
+
+
+def _check(name: str, full: float, reference: float) -> None:
+    if not math.isclose(full, reference, rel_tol=1e-9, abs_tol=1e-12):
+        raise ResampleCheckError(
+            f"{name}: the resampling statistics give {full!r} on the full image set, "
+            f"pycocoevalcap {reference!r}"
+        )
+
+
+def bleu_resamples(
+    gts: dict, res: dict, ids: Sequence, weights: np.ndarray, reference: Sequence[float]
+) -> dict[str, np.ndarray]:
+    """BLEU-1..4 per resample (pycocoevalcap's ``closest`` reference length)."""
+    scorer = BleuScorer(n=4)
+    for i in ids:
+        scorer += (res[i][0], gts[i])
+    stats = np.array(
+        [
+            [c["testlen"], scorer._single_reflen(c["reflen"], "closest", c["testlen"])]
+            + list(c["guess"]) + list(c["correct"])
+            for c in scorer.ctest
+        ],
+        dtype=float,
+    )
+    out = {}
+    for name, w in (("full", np.ones((1, len(ids)))), ("resamples", weights)):
+        tot = w @ stats  # (R, 10): testlen, reflen, guess[4], correct[4]
+        bleu = np.ones(len(w))
+        ratio = (tot[:, 0] + 1e-15) / (tot[:, 1] + 1e-9)
+        penalty = np.where(ratio < 1, np.exp(1 - 1 / np.maximum(ratio, 1e-300)), 1.0)
+        for k in range(4):
+            bleu = bleu * (tot[:, 6 + k] + 1e-15) / (tot[:, 2 + k] + 1e-9)
+            out.setdefault(name, []).append(bleu ** (1.0 / (k + 1)) * penalty)
+    for k in range(4):
+        _check(f"Bleu_{k + 1}", float(out["full"][k][0]), reference[k])
+    return {f"Bleu_{k + 1}": out["resamples"][k] for k in range(4)}
+
+
+def mean_resamples(
+    name: str, per_image: Sequence[float], weights: np.ndarray, reference: float
+) -> np.ndarray:
+    """A corpus score that is the mean of per-image scores (ROUGE-L, SPICE)."""
+    s = np.asarray(per_image, dtype=float)
+    _check(name, float(s.mean()), reference)
+    return weights @ s / len(s)
+
+
+def cider_resamples(
+    gts: dict, res: dict, ids: Sequence, weights: np.ndarray, reference: float
+) -> np.ndarray:
+    """CIDEr-D per resample, its document frequencies counted over the resample."""
+    vocab: dict[tuple, int] = {}
+    col = lambda g: vocab.setdefault(g, len(vocab))  # noqa: E731
+    # one row per (image, reference, order) for the products, per (image, order) for the
+    # hypothesis norm; entries are (row, n-gram column, value)
+    a_rows, a_cols, a_vals, c_vals = [], [], [], []
+    b_rows, b_cols, b_vals = [], [], []
+    p_rows, p_cols = [], []
+    penalty, ref_row_image, n_refs = [], [], []
+    for i_img, i in enumerate(ids):
+        hyp = precook(res[i][0], _CIDER_N)
+        hyp_len = sum(c for g, c in hyp.items() if len(g) == 2)  # pycocoevalcap: bigram count
+        for g, c in hyp.items():
+            b_rows.append(i_img * _CIDER_N + len(g) - 1)
+            b_cols.append(col(g))
+            b_vals.append(float(c) ** 2)
+        present = set()
+        refs = [precook(r, _CIDER_N) for r in gts[i]]
+        n_refs.append(len(refs))
+        for ref in refs:
+            row0 = len(penalty) * _CIDER_N
+            ref_len = sum(c for g, c in ref.items() if len(g) == 2)
+            penalty.append(math.exp(-((hyp_len - ref_len) ** 2) / (2 * _CIDER_SIGMA**2)))
+            ref_row_image.append(i_img)
+            for g, c in ref.items():
+                a_rows.append(row0 + len(g) - 1)
+                a_cols.append(col(g))
+                a_vals.append(float(min(hyp.get(g, 0), c) * c))
+                c_vals.append(float(c) ** 2)
+                present.add(g)
+        for g in present:
+            p_rows.append(i_img)
+            p_cols.append(vocab[g])
+    n, v, n_ref_rows = len(ids), len(vocab), len(penalty) * _CIDER_N
+    a = sparse.csr_matrix((a_vals, (a_rows, a_cols)), shape=(n_ref_rows, v))
+    c = sparse.csr_matrix((c_vals, (a_rows, a_cols)), shape=(n_ref_rows, v))
+    b = sparse.csr_matrix((b_vals, (b_rows, b_cols)), shape=(n * _CIDER_N, v))
+    presence = sparse.csr_matrix((np.ones(len(p_rows)), (p_rows, p_cols)), shape=(n, v))
+    ref_image = np.repeat(np.asarray(ref_row_image), _CIDER_N)  # image of each a/c row
+    pen = np.repeat(np.asarray(penalty), _CIDER_N)
+    h_rows = ref_image * _CIDER_N + np.arange(n_ref_rows) % _CIDER_N
+    divisor = _CIDER_N * np.asarray(n_refs, dtype=float)
+
+    def corpus(w: np.ndarray) -> np.ndarray:
+        df = np.asarray(presence.T @ w.T).T  # (R, V) documents containing each n-gram
+        q = (math.log(n) - np.log(np.maximum(df, 1.0))) ** 2  # idf² per resample
+        dot, norm_r2 = (a @ q.T), (c @ q.T)  # (rows, R)
+        norm_h = np.sqrt(b @ q.T)[h_rows]  # the hypothesis norm of each row's image and order
+        denom = norm_h * np.sqrt(norm_r2)
+        val = np.divide(dot, denom, out=np.zeros_like(dot), where=denom != 0) * pen[:, None]
+        per_image = np.zeros((n, len(w)))
+        np.add.at(per_image, ref_image, val)
+        per_image = per_image / divisor[:, None] * _CIDER_SCALE
+        return (w * per_image.T).sum(axis=1) / n
+
+    _check("CIDEr", float(corpus(np.ones((1, n)))[0]), reference)
+    return np.concatenate([corpus(weights[k : k + 50]) for k in range(0, len(weights), 50)])
+
+
+def meteor_resamples(
+    stats: Sequence[str],
+    weights: np.ndarray,
+    reference: float,
+    evaluate: Callable[[list[str]], float],
+) -> np.ndarray:
+    """METEOR per resample: the jar's aggregate of the resample's segment statistics
+    (``evaluate``: one ``EVAL`` call of the open METEOR process)."""
+    _check("METEOR", evaluate(list(stats)), reference)
+    out = []
+    for w in weights.astype(int):
+        out.append(evaluate([s for s, k in zip(stats, w) for _ in range(k)]))
+    return np.asarray(out)

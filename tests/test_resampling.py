@@ -1,0 +1,86 @@
+"""Image-resampled caption scores equal pycocoevalcap run on each resampled multiset."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+
+from vlalign.eval.caption_metrics import CaptionScorer, ptb_tokenize
+from vlalign.eval.resampling import ResampleCheckError, ResampleScheme, cider_resamples
+
+WORDS = ["a", "red", "blue", "green", "circle", "square", "triangle", "small", "large", "on",
+         "the", "left", "right", "top", "image", "shows", "two", "three", "objects", "gray"]
+
+
+def _corpus(n: int, refs: int = 3, seed: int = 0) -> tuple[dict, dict]:
+    rng = random.Random(seed)
+
+    def sent() -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 11)))
+
+    gts = {f"img{i}": [sent() for _ in range(refs)] for i in range(n)}
+    res = {k: (v[0] if i % 3 == 0 else sent()) for i, (k, v) in enumerate(gts.items())}
+    return res, gts
+
+
+def test_scheme_is_a_pure_function_of_its_key():
+    a, b = ResampleScheme("world/test/0", 10, 5), ResampleScheme("world/test/0", 10, 5)
+    assert np.array_equal(a.indices(), b.indices())
+    assert not np.array_equal(a.indices(), ResampleScheme("world/test/1", 10, 5).indices())
+    w = a.weights()
+    assert w.shape == (5, 10) and np.all(w.sum(axis=1) == 10)
+    for row, idx in zip(w, a.indices()):
+        assert np.array_equal(row, np.bincount(idx, minlength=10))
+
+
+@pytest.mark.slow
+def test_every_metric_equals_pycocoevalcap_on_the_resampled_multiset():
+    res, gts = _corpus(24)
+    scheme = ResampleScheme("t", 24, 4)
+    with CaptionScorer(spice="off") as scorer:
+        out = scorer.score(res, gts, resample=scheme)
+    assert set(out.resamples) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L",
+                                  "CIDEr"}
+    ids = list(res)
+    # pycocoevalcap on the tokenized multiset (a drawn image repeated under fresh ids)
+    flat = [res[i] for i in ids] + [r for i in ids for r in gts[i]]
+    tok = ptb_tokenize(flat)
+    tres = {i: [tok[k]] for k, i in enumerate(ids)}
+    pos, tgts = len(ids), {}
+    for i in ids:
+        tgts[i] = tok[pos : pos + len(gts[i])]
+        pos += len(gts[i])
+    meteor = Meteor()
+    try:
+        for k, idx in enumerate(scheme.indices()):
+            mres = {f"{j}_{ids[x]}": tres[ids[x]] for j, x in enumerate(idx)}
+            mgts = {f"{j}_{ids[x]}": tgts[ids[x]] for j, x in enumerate(idx)}
+            bleu, _ = Bleu(4).compute_score(mgts, mres, verbose=0)
+            for n in range(4):
+                assert out.resamples[f"Bleu_{n + 1}"][k] == pytest.approx(bleu[n], rel=1e-9)
+            assert out.resamples["CIDEr"][k] == pytest.approx(
+                Cider().compute_score(mgts, mres)[0], rel=1e-9)
+            assert out.resamples["ROUGE_L"][k] == pytest.approx(
+                Rouge().compute_score(mgts, mres)[0], rel=1e-9)
+            assert out.resamples["METEOR"][k] == pytest.approx(
+                meteor.compute_score(mgts, mres)[0], rel=1e-9)
+    finally:
+        meteor.meteor_p.kill()
+    # the resamples differ from each other and from the full-set score: they are not copies
+    assert len(set(np.round(out.resamples["CIDEr"], 9))) == 4
+
+
+def test_cider_full_set_check_fails_on_a_wrong_reference():
+    res, gts = _corpus(8)
+    tres = {k: [v] for k, v in res.items()}
+    w = ResampleScheme("t", 8, 2).weights()
+    right = Cider().compute_score(gts, tres)[0]
+    assert cider_resamples(gts, tres, list(res), w, right).shape == (2,)
+    with pytest.raises(ResampleCheckError, match="CIDEr"):
+        cider_resamples(gts, tres, list(res), w, right + 1e-3)
