@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from vlalign.eval.caption_metrics import CaptionScorer
 from vlalign.eval.runner import EvalSettings, PathLike, evaluate_run, rank_curve_of_model
 from vlalign.io_utils import write_json_atomic
 from vlalign.methods.stage import (
@@ -159,6 +160,7 @@ def evaluate_dataset(
     variant: str = NORMAL,
     settings: EvalSettings | None = None,
     extra_records: Sequence[Mapping[str, Any]] = (),
+    scorer: CaptionScorer | None = None,
 ) -> dict[str, Any]:
     """One dataset under one inference variant: predictions, rank curve and metrics written to
     ``out_dir``; returns the metrics (:func:`vlalign.eval.runner.evaluate_run`)."""
@@ -177,6 +179,7 @@ def evaluate_dataset(
         model=stage.model,
         text_kind=job.text_kind,
         text_max_length=job.text_max_length,
+        scorer=scorer,
     )
 
 
@@ -211,21 +214,24 @@ def selected_variants(settings: EvalSettings, stage: LoadedStage) -> list[Infere
 
 def evaluate_job(job: EvalJob, stage: LoadedStage) -> dict[str, Any]:
     """Every dataset (the first with the stage's own records), then every variant on the
-    first dataset (captions only); writes the merged ``job.out_dir/metrics.json``."""
+    first dataset (captions only); writes the merged ``job.out_dir/metrics.json``. One
+    METEOR JVM scores them all."""
     (first, first_dir), *others = job.datasets
-    metrics = evaluate_dataset(
-        job, stage, first, first_dir, job.out_dir, extra_records=stage.records()
-    )
-    for dataset, data_dir in others:
-        # its rank curve (cheap: one forward of the rank samples) is that dataset's row
-        merge_metrics(metrics, evaluate_dataset(job, stage, dataset, data_dir,
-                                                job.out_dir / dataset))
-    captions = replace(job.settings, task="caption", rank_samples=VARIANT_RANK_SAMPLES)
-    for variant in selected_variants(job.settings, stage):
-        more = evaluate_dataset(job, stage, first, first_dir,
-                                job.out_dir / f"variant-{variant.name}",
-                                variant=variant.name, settings=captions)
-        metrics["records"] += variant_records(more, variant)
+    with CaptionScorer(job.settings.spice) as scorer:
+        metrics = evaluate_dataset(
+            job, stage, first, first_dir, job.out_dir, extra_records=stage.records(),
+            scorer=scorer,
+        )
+        for dataset, data_dir in others:
+            # its rank curve (cheap: one forward of the rank samples) is that dataset's row
+            merge_metrics(metrics, evaluate_dataset(job, stage, dataset, data_dir,
+                                                    job.out_dir / dataset, scorer=scorer))
+        captions = replace(job.settings, task="caption", rank_samples=VARIANT_RANK_SAMPLES)
+        for variant in selected_variants(job.settings, stage):
+            more = evaluate_dataset(job, stage, first, first_dir,
+                                    job.out_dir / f"variant-{variant.name}",
+                                    variant=variant.name, settings=captions, scorer=scorer)
+            metrics["records"] += variant_records(more, variant)
     write_json_atomic(job.out_dir / "metrics.json", metrics)
     return metrics
 

@@ -17,6 +17,7 @@ Writes into ``out_dir`` (docs/outputs.md), each file atomically, ``metrics.json`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,9 +33,10 @@ from tqdm.auto import tqdm
 
 from vlalign.data.text_formats import caption_prompt, decode_text, encode_text, vqa_prompt
 from vlalign.data.tokenizer import load_tokenizer, vlm_token_ids
-from vlalign.eval.caption_metrics import score_captions
+from vlalign.eval.caption_metrics import CaptionScorer
 from vlalign.eval.effective_rank import rank_curve_record
 from vlalign.eval.grounding import caption_grounding, gap_scores, objects_of
+from vlalign.eval.resampling import DEFAULT_RESAMPLES, ResampleScheme
 from vlalign.eval.vqa import vqa_score
 from vlalign.io_utils import atomic_path, write_json_atomic
 from vlalign.models.backbones import load_image_processor, load_lm
@@ -73,6 +75,8 @@ class EvalSettings:
     rank_samples: int = 64
     rank_text_tokens: int = DEFAULT_RANK_TEXT_TOKENS
     variants: tuple[str, ...] = ("normal",)
+    resamples: int = DEFAULT_RESAMPLES
+    resample_seed: int = 0
     mask_mode: str | None = None
 
     # config key -> field, where they differ (the config keeps its historical name)
@@ -85,6 +89,15 @@ class EvalSettings:
                     "rank_text_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
+        if self.resamples < 0:
+            raise ValueError(f"eval.resamples must be >= 0, got {self.resamples}")
+
+    def resample_scheme(self, dataset: str, n_images: int) -> ResampleScheme | None:
+        """The image resamples of ``dataset``'s split: the same for every run evaluated on it."""
+        if self.resamples == 0:
+            return None
+        key = f"{dataset}/{self.split}/{self.resample_seed}"
+        return ResampleScheme(key, n_images, self.resamples)
 
     @classmethod
     def from_params(cls, block: Mapping[str, Any], source: str = "eval") -> EvalSettings:
@@ -434,6 +447,7 @@ def evaluate_run(
     model: VisionLanguageModel | None = None,
     text_kind: str | None = None,
     text_max_length: int = 256,
+    scorer: CaptionScorer | None = None,
 ) -> dict[str, Any]:
     """Evaluate the model saved in ``model_dir`` on ``settings.split`` of the dataset in
     ``data_dir``; ``run``, ``stage``, ``dataset`` label the records.
@@ -456,6 +470,8 @@ def evaluate_run(
             ``text_max_length`` its truncation: ``grounding_gap`` is measured on that text
             (missing when None). Caption predictions also get the attribute / CHAIR metrics
             of :mod:`vlalign.eval.grounding` where the rows' ``meta`` carries ``objects``.
+        scorer: the job's :class:`CaptionScorer` (one METEOR JVM for all its calls); default:
+            one for this call.
 
     Returns:
         the ``metrics.json`` object (``schema_version``, ``run``, ``records``, ``missing``).
@@ -492,6 +508,7 @@ def evaluate_run(
     scores: dict[str, float] = {}
     missing: list[dict] = []
     lines: list[dict] = []
+    resamples: dict[str, dict] = {}
 
     if cap_ids:
         preds = _generate_rows(
@@ -502,11 +519,20 @@ def evaluate_run(
             {"task": "caption", "image_id": i, "prediction": p, "references": list(r)}
             for i, p, r in zip(cap_ids, preds, cap_refs)
         ]
-        cap_scores, cap_missing = score_captions(
-            dict(zip(cap_ids, preds)), dict(zip(cap_ids, cap_refs)), spice=cfg.spice
-        )
-        scores.update(cap_scores)
-        missing += cap_missing
+        with contextlib.ExitStack() as stack:
+            if scorer is None:
+                scorer = stack.enter_context(CaptionScorer(cfg.spice))
+            caps = scorer.score(
+                dict(zip(cap_ids, preds)), dict(zip(cap_ids, cap_refs)),
+                resample=cfg.resample_scheme(dataset, len(cap_ids)),
+            )
+        scores.update(caps.scores)
+        missing += caps.missing
+        scheme = cfg.resample_scheme(dataset, len(cap_ids))
+        resamples = {
+            m: {"scheme": scheme.as_dict(), "values": [float(x) for x in v]}
+            for m, v in caps.resamples.items()
+        }
         # grounding: pure Python on the predictions just generated
         scenes = [objects_of(m) for m in ds.select_columns(["meta"])["meta"]]
         g_scores, g_missing = caption_grounding(preds, scenes, where=f"{dataset}/{split}")
@@ -542,6 +568,7 @@ def evaluate_run(
 
     base = {"run": run, "stage": stage, "dataset": dataset, "split": split}
     records = [{**base, "metric": m, "value": float(v), "decoding": decoding}
+               | ({"resamples": resamples[m]} if m in resamples else {})
                for m, v in scores.items()]
     records += [{**base, "metric": m, "value": v, "decoding": decoding} for m, v in extras]
     metrics = {"schema_version": METRICS_SCHEMA_VERSION, "run": run, "records": records,

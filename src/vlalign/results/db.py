@@ -24,8 +24,8 @@ from vlalign.runs.record import RECORD_COLUMNS, ChainLink, RunRecord, RunRecordE
 log = logging.getLogger(__name__)
 
 # 2: rank curves per (run, dataset, positions); 3: the run record's columns (base_run, grid,
-# method_order, prefix_length, chain) in runs
-SCHEMA_VERSION = 3
+# method_order, prefix_length, chain) in runs; 4: resamples (image resamples of corpus metrics)
+SCHEMA_VERSION = 4
 # Version of the metrics.json file format this reader understands (docs/outputs.md).
 METRICS_FILE_VERSION = 1
 TRAIN_LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s")
@@ -42,6 +42,12 @@ _DDL = {
     "metrics": """CREATE TABLE metrics (
         run VARCHAR NOT NULL, stage VARCHAR, dataset VARCHAR, split VARCHAR,
         metric VARCHAR NOT NULL, value DOUBLE NOT NULL, decoding JSON)""",
+    # a metric's corpus score on each image resample (vlalign.eval.resampling); rows of the
+    # same scheme_key and resample drew the same images
+    "resamples": """CREATE TABLE resamples (
+        run VARCHAR NOT NULL, stage VARCHAR, dataset VARCHAR, split VARCHAR,
+        metric VARCHAR NOT NULL, decoding JSON, scheme_key VARCHAR NOT NULL,
+        n_images INTEGER NOT NULL, resample INTEGER NOT NULL, value DOUBLE NOT NULL)""",
     "missing_metrics": """CREATE TABLE missing_metrics (
         run VARCHAR NOT NULL, metric VARCHAR NOT NULL, reason VARCHAR)""",
     "train_log": """CREATE TABLE train_log (
@@ -129,7 +135,25 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _read_metrics_json(path: Path, run: str) -> tuple[list[dict], list[dict]]:
+def _resample_rows(rec: dict, row: dict, where: str) -> list[dict]:
+    block = rec.get("resamples")
+    if block is None:
+        return []
+    scheme = block.get("scheme") if isinstance(block, dict) else None
+    values = block.get("values") if isinstance(block, dict) else None
+    if not isinstance(scheme, dict) or not {"key", "n_images"} <= set(scheme):
+        raise ResultsInputError(f"{where}: resamples.scheme needs 'key' and 'n_images'")
+    if not isinstance(values, list) or not all(_is_number(v) for v in values):
+        raise ResultsInputError(f"{where}: resamples.values must be a list of finite numbers")
+    base = {k: row[k] for k in ("run", "stage", "dataset", "split", "metric", "decoding")}
+    return [
+        {**base, "scheme_key": str(scheme["key"]), "n_images": int(scheme["n_images"]),
+         "resample": k, "value": float(v)}
+        for k, v in enumerate(values)
+    ]
+
+
+def _read_metrics_json(path: Path, run: str) -> tuple[list[dict], list[dict], list[dict]]:
     obj = _load_json(path)
     if not isinstance(obj, dict):
         raise ResultsInputError(f"{path}: expected a JSON object")
@@ -141,7 +165,7 @@ def _read_metrics_json(path: Path, run: str) -> tuple[list[dict], list[dict]]:
     if obj.get("run", run) != run:
         raise ResultsInputError(f"{path}: 'run' is {obj['run']!r} but the directory is {run!r}")
     records = _require(obj, "records", path, list)
-    rows, seen = [], set()
+    rows, seen, resamples = [], set(), []
     for i, rec in enumerate(records):
         where = f"{path}: records[{i}]"
         if not isinstance(rec, dict):
@@ -174,12 +198,13 @@ def _read_metrics_json(path: Path, run: str) -> tuple[list[dict], list[dict]]:
             raise ResultsInputError(f"{where}: duplicate record {key}")
         seen.add(key)
         rows.append(row)
+        resamples += _resample_rows(rec, row, where)
     missing = []
     for i, m in enumerate(obj.get("missing", []) or []):
         if not isinstance(m, dict) or "metric" not in m:
             raise ResultsInputError(f"{path}: missing[{i}] needs a 'metric' key")
         missing.append({"run": run, "metric": str(m["metric"]), "reason": m.get("reason")})
-    return rows, missing
+    return rows, missing, resamples
 
 
 def _curve_part(obj: dict, path: Path, where: str) -> tuple[list, list, Any]:
@@ -321,8 +346,9 @@ def _collect(results_dir: Path) -> dict[str, pd.DataFrame]:
                 offset = int(df["global_step"].max()) + 1 if len(df) else offset
                 train_frames.append(df)
         if metrics_json.exists():
-            recs, missing = _read_metrics_json(metrics_json, run)
+            recs, missing, resamples = _read_metrics_json(metrics_json, run)
             rows["metrics"] += recs
+            rows["resamples"] += resamples
             rows["missing_metrics"] += missing
         seen: dict[tuple, Path] = {}
         for curve_json in curve_files:
