@@ -113,7 +113,9 @@ Method & Trainable \% & B@4 & CIDEr \\
 \midrule
 full\_ft & 100.00 & -- & \underline{115.0} \\
 lora & 0.50 & \textbf{34.0 $\pm$ 1.4} & 105.0 $\pm$ 7.1 \\
+ &  & {\scriptsize [21.3, 46.7]} & {\scriptsize [41.5, 168.5]} \\
 prefix\_lora & 0.54 & 31.0 $\pm$ 1.4 & \textbf{125.0 $\pm$ 7.1} \\
+ &  & {\scriptsize [18.3, 43.7]} & {\scriptsize [61.5, 188.5]} \\
 \bottomrule
 \end{tabular}
 \end{table}
@@ -124,6 +126,8 @@ def test_known_numbers_exact_latex(known_db):
     result = render_table(known_db, spec_from_dict(KNOWN_SPEC))
     # B@4 has only two values: best is bold, nothing is "second" out of two.
     # full_ft has no Bleu_4: "--", never 0.
+    # Two seeds: a t interval under each row, mean ± t(0.975, 1) · std / sqrt(2) (by hand:
+    # 31.0 ± 12.706 · 1.414 / 1.414 = [18.3, 43.7]).
     assert to_latex(result) == KNOWN_TEX
     cider = result.columns.index(next(c for c in result.columns if c.key == ("CIDEr",)))
     cell = result.cells[(("prefix_lora",), cider)]
@@ -368,3 +372,69 @@ def _known_dir(tmp_path: Path) -> Path:
     d.mkdir()
     (d / "known.yaml").write_text(yaml.safe_dump(KNOWN_SPEC, allow_unicode=True))
     return d
+
+
+def _run_resampled(root: Path, run: str, seed: int, metrics: dict[str, tuple[float, list]]):
+    _run(root, run, seed, {m: v for m, (v, _) in metrics.items()})
+    path = root / "runs" / run / "metrics.json"
+    obj = json.loads(path.read_text())
+    for rec in obj["records"]:
+        values = metrics[rec["metric"]][1]
+        rec["resamples"] = {"scheme": {"key": "world_target/test/0", "n_images": 64,
+                                       "count": len(values)}, "values": values}
+    path.write_text(json.dumps(obj))
+
+
+BASELINE_SPEC = {
+    "name": "vs_lora",
+    "query": """SELECT r.base_run AS method, r.seed, m.run, m.stage, m.dataset, m.split,
+                       m.metric, m.value
+                FROM metrics m JOIN runs r USING (run)""",
+    "rows": "method",
+    "columns": "metric",
+    "seed": "seed",
+    "scale": 100,
+    "baseline": "lora",
+    "column_order": {"metric": ["Bleu_4", "CIDEr"]},
+}
+
+
+def test_baseline_rows_get_paired_differences_and_marks(tmp_path: Path):
+    """CIDEr: prefix_lora beats lora by 0.1 in every image resample of every seed (p at the
+    bootstrap's floor: bold); Bleu_4: a difference whose sign flips with the images (p large:
+    not bold). Each arm alone varies far more than the difference."""
+    rng = __import__("numpy").random.default_rng(0)
+    root = tmp_path / "results"
+    for seed in range(3):
+        shared = rng.normal(1.0, 0.3, 200)
+        noise = rng.normal(0.0, 0.05, 200)
+        _run_resampled(root, f"lora_s{seed}", seed, {
+            "CIDEr": (1.0, list(shared)), "Bleu_4": (0.3, list(0.3 + noise))})
+        _run_resampled(root, f"prefix_lora_s{seed}", seed, {
+            "CIDEr": (1.1, list(shared + 0.1)), "Bleu_4": (0.3, list(0.3 - noise))})
+    db = tmp_path / "r.duckdb"
+    ingest(root, db)
+    result = render_table(db, spec_from_dict(BASELINE_SPEC))
+    col = {c.key[0]: j for j, c in enumerate(result.columns)}
+    cider = result.cells[(("prefix_lora",), col["CIDEr"])]
+    bleu = result.cells[(("prefix_lora",), col["Bleu_4"])]
+    assert cider.vs.diff == pytest.approx(10.0) and cider.vs.p < 0.01
+    assert cider.vs.lo == pytest.approx(10.0) and cider.vs.hi == pytest.approx(10.0)
+    assert cider.rank == "significant"
+    assert bleu.vs.p > 0.05 and bleu.rank is None
+    assert result.cells[(("lora",), col["CIDEr"])].vs is None  # the baseline itself
+    tex = to_latex(result)
+    assert r"$\Delta$ +10.0 [+10.0, +10.0], p$<$0.001" in tex
+    assert r"\textbf{110.0 $\pm$ 0.0}" in tex
+    from vlalign.results.tables import to_dataframe
+    df = to_dataframe(result).set_index("method")
+    assert df.loc["prefix_lora", "CIDEr_vs_diff"] == pytest.approx(10.0)
+    assert df.loc["prefix_lora", "Bleu_4_p"] > 0.05
+    assert math.isnan(df.loc["lora", "CIDEr_p"])
+
+
+def test_baseline_needs_a_seed_column_and_a_value_per_row_key():
+    with pytest.raises(TableSpecError, match="needs 'seed'"):
+        spec_from_dict({**BASELINE_SPEC, "seed": None})
+    with pytest.raises(TableSpecError, match="one value per row key"):
+        spec_from_dict({**BASELINE_SPEC, "baseline": ["lora", "x"]})

@@ -12,16 +12,26 @@ import fnmatch
 import logging
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pandas as pd
 import yaml
 
 from vlalign.io_utils import write_text_atomic
 from vlalign.results.db import SCHEMA_VERSION, query
+from vlalign.results.stats import (
+    DEFAULT_BOOTSTRAP,
+    DEFAULT_LEVEL,
+    Comparison,
+    Interval,
+    SeedValue,
+    compare,
+    interval,
+)
 from vlalign.runs.record import RECORD_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -29,6 +39,10 @@ log = logging.getLogger(__name__)
 MISSING = "--"
 _AGGREGATES = ("mean_std", "mean", "none")
 _BETTER = ("higher", "lower", None)
+_INTERVALS = ("auto", "seeds", "none")
+_LAYOUTS = ("below", "inline")
+# the query columns that name a metrics row: with them, its image resamples are looked up
+RESAMPLE_KEY = ("run", "stage", "dataset", "split", "metric")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -75,8 +89,16 @@ class TableSpec:
     column_order: dict[str, list[Any]] = field(default_factory=dict)
     column_format: dict[str, ColumnFormat] = field(default_factory=dict)
     extra_columns: list[ExtraColumn] = field(default_factory=list)
-    # rows shown but never marked best/second (a reference such as a chance level)
+    # rows shown but never marked best or second (a reference such as a chance level)
     unranked_rows: list[str] = field(default_factory=list)
+    # intervals and paired comparisons (vlalign.results.stats; docs/results.md)
+    interval: str = "auto"  # auto | seeds | none
+    interval_layout: str = "below"  # below (a row under each row) | inline (in the cell)
+    level: float = DEFAULT_LEVEL
+    baseline: tuple | None = None  # a row key: every other row is compared with it
+    alpha: float = 0.01
+    bootstrap: int = DEFAULT_BOOTSTRAP
+    bootstrap_seed: int = 0
     source: str = "<dict>"
 
     def label_of(self, value: Any) -> str:
@@ -97,13 +119,33 @@ class Cell:
     std: float | None
     n: int
     decimals: int
-    rank: str | None = None  # "best" | "second" | None
+    rank: str | None = None  # "best" | "second" | "significant" | None
+    lo: float | None = None  # the interval of the mean (scaled like the mean)
+    hi: float | None = None
+    vs: Comparison | None = None  # the paired comparison with the baseline row (scaled)
 
     def text(self, pm: str) -> str:
         s = f"{self.mean:.{self.decimals}f}"
         if self.std is not None:
             s += f"{pm}{self.std:.{self.decimals}f}"
         return s
+
+    def interval_text(self) -> str | None:
+        if self.lo is None or self.hi is None:
+            return None
+        return f"[{self.lo:.{self.decimals}f}, {self.hi:.{self.decimals}f}]"
+
+    def comparison_text(self, delta: str = "Δ") -> str | None:
+        c = self.vs
+        if c is None:
+            return None
+        d = self.decimals
+        return f"{delta} {c.diff:+.{d}f} [{c.lo:+.{d}f}, {c.hi:+.{d}f}], {format_p(c.p)}"
+
+
+def format_p(p: float) -> str:
+    """``p=0.034``; below 0.001 as ``p<0.001`` (a Monte Carlo p has no more digits)."""
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
 
 
 @dataclass
@@ -162,6 +204,13 @@ _SPEC_KEYS = {
     "column_format",
     "extra_columns",
     "unranked_rows",
+    "interval",
+    "interval_layout",
+    "level",
+    "baseline",
+    "alpha",
+    "bootstrap",
+    "bootstrap_seed",
 }
 _EXTRA_KEYS = {
     "name",
@@ -238,13 +287,38 @@ def spec_from_dict(d: dict, source: str = "<dict>") -> TableSpec:
     columns = _as_list(d["columns"], f"{source}: columns")
     if not isinstance(column_order, dict) or set(column_order) - set(columns):
         raise TableSpecError(f"{source}: column_order must map names in 'columns' to lists")
+    rows = _as_list(d["rows"], f"{source}: rows")
+    interval_kind = d.get("interval", "auto")
+    if interval_kind not in _INTERVALS:
+        raise TableSpecError(f"{source}: interval must be one of {_INTERVALS}")
+    layout = d.get("interval_layout", "below")
+    if layout not in _LAYOUTS:
+        raise TableSpecError(f"{source}: interval_layout must be one of {_LAYOUTS}")
+    baseline = d.get("baseline")
+    if baseline is not None:
+        baseline = baseline if isinstance(baseline, list) else [baseline]
+        if len(baseline) != len(rows):
+            raise TableSpecError(
+                f"{source}: baseline {d['baseline']!r} must give one value per row key {rows}"
+            )
+        baseline = tuple(_key_str(v) for v in baseline)
+        if d.get("seed") is None:
+            raise TableSpecError(f"{source}: a baseline needs 'seed' (comparisons pair seeds)")
+    try:
+        level, alpha = float(d.get("level", DEFAULT_LEVEL)), float(d.get("alpha", 0.01))
+        n_boot = int(d.get("bootstrap", DEFAULT_BOOTSTRAP))
+        boot_seed = int(d.get("bootstrap_seed", 0))
+    except (TypeError, ValueError) as e:
+        raise TableSpecError(f"{source}: bad level/alpha/bootstrap ({e})") from e
+    if not (0 < level < 1 and 0 < alpha < 1 and n_boot >= 100):
+        raise TableSpecError(f"{source}: need 0 < level, alpha < 1 and bootstrap >= 100")
     label = d.get("label")
     if label is not None and not re.match(r"^[^\s{}\\%#]+$", str(label)):
         raise TableSpecError(f"{source}: label {label!r} must not contain spaces or {{}}\\%#")
     return TableSpec(
         name=name,
         query=str(d["query"]),
-        rows=_as_list(d["rows"], f"{source}: rows"),
+        rows=rows,
         columns=columns,
         value=str(d.get("value", "value")),
         seed=d.get("seed"),
@@ -259,6 +333,13 @@ def spec_from_dict(d: dict, source: str = "<dict>") -> TableSpec:
         column_format=column_format,
         extra_columns=extras,
         unranked_rows=[_key_str(v) for v in _as_list_or_empty(d, "unranked_rows", source)],
+        interval=interval_kind,
+        interval_layout=layout,
+        level=level,
+        baseline=baseline,
+        alpha=alpha,
+        bootstrap=n_boot,
+        bootstrap_seed=boot_seed,
         source=source,
     )
 
@@ -325,10 +406,22 @@ def _row_order_key(v: Any, patterns: list[str]) -> tuple:
     return (len(patterns) if hit is None else hit, _sort_key(v))
 
 
+SeedValues = dict[Any, SeedValue]
+
+
 def _aggregate(
-    df: pd.DataFrame, keys: list[str], value: str, seed: str | None, how: str, where: str
-) -> dict[tuple, tuple[float, float | None, int]]:
+    df: pd.DataFrame,
+    keys: list[str],
+    value: str,
+    seed: str | None,
+    how: str,
+    where: str,
+    resamples: dict[tuple, tuple[str, np.ndarray]] | None = None,
+) -> dict[tuple, SeedValues]:
+    """Group key → seed → its value (with the metrics row's image resamples where
+    ``resamples`` has them; without a seed column each row is its own "seed")."""
     out = {}
+    with_key = resamples is not None and set(RESAMPLE_KEY) <= set(df.columns)
     for key, g in df.groupby(keys, sort=False, dropna=False):
         key = tuple(_py(k) for k in (key if isinstance(key, tuple) else (key,)))
         if seed is not None and g[seed].duplicated().any():
@@ -337,17 +430,34 @@ def _aggregate(
                 f"{where}: several values for {dict(zip(keys, key))} and {seed}={dup}; "
                 "make the query return one value per seed"
             )
-        vals = g[value].astype(float).tolist()
-        if how == "none" and len(vals) > 1:
+        if how == "none" and len(g) > 1:
             raise TableSpecError(
-                f"{where}: {len(vals)} values for {dict(zip(keys, key))} with aggregate: none"
+                f"{where}: {len(g)} values for {dict(zip(keys, key))} with aggregate: none"
             )
-        mean = sum(vals) / len(vals)
-        std = None
-        if how == "mean_std" and len(vals) >= 2:
-            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
-        out[key] = (mean, std, len(vals))
+        values: SeedValues = {}
+        for i, row in enumerate(g.itertuples(index=False)):
+            rec = row._asdict()
+            hit = resamples.get(tuple(rec[k] for k in RESAMPLE_KEY)) if with_key else None
+            values[_py(rec[seed]) if seed is not None else i] = SeedValue(
+                float(rec[value]),
+                None if hit is None else hit[1],
+                None if hit is None else hit[0],
+            )
+        out[key] = values
     return out
+
+
+def _resample_map(db_path: str | Path) -> dict[tuple, tuple[str, np.ndarray]]:
+    """(run, stage, dataset, split, metric) → (scheme key, resampled values in order)."""
+    df = query(
+        db_path,
+        "SELECT run, stage, dataset, split, metric, scheme_key, "
+        "list(value ORDER BY resample) AS vals FROM resamples GROUP BY ALL",
+    )
+    return {
+        tuple(_py(r[k]) for k in RESAMPLE_KEY): (r["scheme_key"], np.asarray(r["vals"], float))
+        for _, r in df.iterrows()
+    }
 
 
 def _run_query(db_path: str | Path, sql: str, needed: list[str], where: str) -> pd.DataFrame:
@@ -369,6 +479,44 @@ def _run_query(db_path: str | Path, sql: str, needed: list[str], where: str) -> 
         log.warning("%s: dropping %d row(s) with NULL keys", where, int(null_keys.sum()))
         df = df[~null_keys]
     return df
+
+
+def _scaled_cell(iv: Interval, vs: Comparison | None, fmt: ColumnFormat, how: str) -> Cell:
+    s = fmt.scale
+
+    def sc(x: float | None) -> float | None:
+        return None if x is None else x * s
+
+    lo, hi = sc(iv.lo), sc(iv.hi)
+    if s < 0 and lo is not None:
+        lo, hi = hi, lo
+    if vs is not None:
+        vlo, vhi = sorted((vs.lo * s, vs.hi * s))
+        vs = replace(vs, diff=vs.diff * s, lo=vlo, hi=vhi)
+    std = None if how != "mean_std" or iv.std is None else iv.std * abs(s)
+    return Cell(iv.mean * s, std, iv.n, fmt.decimals, lo=lo, hi=hi, vs=vs)
+
+
+def _baseline_row(spec: TableSpec, rows: list[tuple], where: str) -> tuple | None:
+    if spec.baseline is None:
+        return None
+    hit = [r for r in rows if tuple(_key_str(x) for x in r) == spec.baseline]
+    if not hit:
+        log.warning("%s: baseline row %s has no data; no comparisons", where, spec.baseline)
+        return None
+    return hit[0]
+
+
+def _mark_significant(result: TableResult) -> None:
+    """With a baseline: a cell is marked (bold) when it beats the baseline at p < alpha in
+    the column's better direction, as seed 000's tables mark "statistically superior"."""
+    for (_, j), cell in result.cells.items():
+        better = result.columns[j].fmt.better
+        c = cell.vs
+        if better is None or c is None or c.p >= result.spec.alpha or c.diff == 0:
+            continue
+        if (c.diff > 0) == (better == "higher"):
+            cell.rank = "significant"
 
 
 def _rank(result: TableResult) -> None:
@@ -408,7 +556,12 @@ def render_table(db_path: str | Path, spec: TableSpec | dict | str | Path) -> Ta
     keys = spec.rows + spec.columns
     needed = keys + ([spec.seed] if spec.seed else []) + [spec.value]
     df = _run_query(db_path, spec.query, needed, where)
-    agg = _aggregate(df, keys, spec.value, spec.seed, spec.aggregate, where) if len(df) else {}
+    resamples = _resample_map(db_path) if spec.interval == "auto" else None
+    agg = (
+        _aggregate(df, keys, spec.value, spec.seed, spec.aggregate, where, resamples)
+        if len(df)
+        else {}
+    )
     nr = len(spec.rows)
 
     # Column keys: those in the data, plus every declared value of the innermost level under
@@ -452,18 +605,32 @@ def render_table(db_path: str | Path, spec: TableSpec | dict | str | Path) -> Ta
 
     cells: dict[tuple[tuple, int], Cell] = {}
     extra_by_name = {c.key[0]: a for c, a, _ in extra_aggs}
+    base = _baseline_row(spec, rows, where)
+    extra_how = {e.name: e.aggregate for e in spec.extra_columns}
     for j, col in enumerate(columns):
+        source = extra_by_name[col.key[0]] if col.extra else agg
+        suffix = () if col.extra else col.key
         for r in rows:
-            hit = extra_by_name[col.key[0]].get(r) if col.extra else agg.get(r + col.key)
-            if hit is None:
+            values = source.get(r + suffix)
+            if values is None:
                 continue
-            mean, std, n = hit
-            s = col.fmt.scale
-            cells[(r, j)] = Cell(
-                mean * s, None if std is None else std * abs(s), n, col.fmt.decimals
-            )
+            how = extra_how[col.key[0]] if col.extra else spec.aggregate
+            # extra columns (e.g. trainable %) describe the row, they are not compared
+            kind = "none" if col.extra or how != "mean_std" else spec.interval
+            iv = interval(values, level=spec.level, kind=kind, n_boot=spec.bootstrap,
+                          seed=spec.bootstrap_seed)
+            vs = None
+            if (base is not None and not col.extra and r != base
+                    and source.get(base + suffix) is not None):
+                vs = compare(values, source[base + suffix], level=spec.level,
+                             kind=spec.interval if spec.interval != "none" else "seeds",
+                             n_boot=spec.bootstrap, seed=spec.bootstrap_seed)
+            cells[(r, j)] = _scaled_cell(iv, vs, col.fmt, how)
     result = TableResult(spec=spec, row_keys=rows, columns=columns, cells=cells)
-    _rank(result)
+    if base is None:
+        _rank(result)
+    else:
+        _mark_significant(result)
     if result.empty:
         log.warning("%s: no data yet; the table is written with a 'no results' row", where)
     return result
@@ -491,6 +658,7 @@ _TEX_ESCAPES = {
     "×": r"$\times$",
     "→": r"$\rightarrow$",
     "←": r"$\leftarrow$",
+    "Δ": r"$\Delta$",
 }
 
 
@@ -511,11 +679,30 @@ def _header_groups(result: TableResult, level: int) -> list[tuple[str, int]]:
     return [(label, span) for _, label, span in groups]
 
 
-def _cell_tex(cell: Cell | None) -> str:
+def _below_rows(result: TableResult, cells: list[Cell | None]) -> list:
+    """Functions cell → text of the rows under a row ("below" layout): its intervals, then
+    its comparison with the baseline; only those that some cell of the row has."""
+    if result.spec.interval_layout != "below":
+        return []
+    out = []
+    for fn in (Cell.interval_text, Cell.comparison_text):
+        if any(c is not None and fn(c) for c in cells):
+            out.append(lambda c, fn=fn: (fn(c) or "") if c is not None else "")
+    return out
+
+
+def _inline(cell: Cell, text: str, layout: str) -> str:
+    if layout != "inline":
+        return text
+    extra = [t for t in (cell.interval_text(), cell.comparison_text()) if t]
+    return " ".join([text, *extra])
+
+
+def _cell_tex(cell: Cell | None, layout: str = "below") -> str:
     if cell is None:
         return MISSING
-    text = cell.text(r" $\pm$ ")
-    if cell.rank == "best":
+    text = latex_escape(_inline(cell, cell.text(" ± "), layout))
+    if cell.rank in ("best", "significant"):
         return rf"\textbf{{{text}}}"
     if cell.rank == "second":
         return rf"\underline{{{text}}}"
@@ -553,9 +740,14 @@ def to_latex(result: TableResult) -> str:
         lines.append(rf"\multicolumn{{{ncols}}}{{c}}{{(no results yet)}} \\")
     else:
         for r in result.row_keys:
+            cells = [result.cells.get((r, j)) for j in range(len(result.columns))]
             parts = [latex_escape(spec.label_of(x)) for x in r]
-            parts += [_cell_tex(result.cells.get((r, j))) for j in range(len(result.columns))]
+            parts += [_cell_tex(c, spec.interval_layout) for c in cells]
             lines.append(" & ".join(parts) + r" \\")
+            for text_of in _below_rows(result, cells):
+                small = [rf"{{\scriptsize {latex_escape(t)}}}" if t else "" for t in
+                         map(text_of, cells)]
+                lines.append(" & ".join([""] * nr + small) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
@@ -584,15 +776,19 @@ def to_markdown(result: TableResult) -> str:
         lines.append("| (no results yet) |" + " |" * (len(header) - 1))
     for r in result.row_keys:
         parts = [esc(spec.label_of(x)) for x in r]
-        for j in range(len(result.columns)):
-            cell = result.cells.get((r, j))
-            text = MISSING if cell is None else cell.text(" ± ")
-            if cell is not None and cell.rank == "best":
+        cells = [result.cells.get((r, j)) for j in range(len(result.columns))]
+        for cell in cells:
+            text = MISSING if cell is None else _inline(cell, cell.text(" ± "),
+                                                        spec.interval_layout)
+            if cell is not None and cell.rank in ("best", "significant"):
                 text = f"**{text}**"
             elif cell is not None and cell.rank == "second":
                 text = f"<u>{text}</u>"
             parts.append(text)
         lines.append("| " + " | ".join(parts) + " |")
+        for text_of in _below_rows(result, cells):
+            below = [f"<sub>{esc(t)}</sub>" if t else "" for t in map(text_of, cells)]
+            lines.append("| " + " | ".join([""] * len(spec.rows) + below) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -614,6 +810,15 @@ def to_dataframe(result: TableResult) -> pd.DataFrame:
                 rec[f"{name}_std"] = (
                     round(cell.std, d) if cell and cell.std is not None else math.nan
                 )
+                if spec.interval != "none" and not col.extra:
+                    for k in ("lo", "hi"):
+                        v = getattr(cell, k) if cell else None
+                        rec[f"{name}_{k}"] = math.nan if v is None else round(v, d)
+            if spec.baseline is not None and not col.extra:
+                vs = cell.vs if cell else None
+                for k in ("diff", "lo", "hi"):
+                    rec[f"{name}_vs_{k}"] = math.nan if vs is None else round(getattr(vs, k), d)
+                rec[f"{name}_p"] = math.nan if vs is None else vs.p
         records.append(rec)
     if not records:
         names = list(spec.rows)
