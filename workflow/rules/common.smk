@@ -56,5 +56,6 @@ def final_outputs():
         f"{R}/backbones/lm",
         f"{R}/results.duckdb",
         *[f"{R}/tables/{name}.{ext}" for name in TABLE_NAMES for ext in ("tex", "csv", "md")],
+        *[f"{R}/claims/claims.{ext}" for ext in ("md", "tex", "csv", "png")],
         f"{R}/plots",
     ]

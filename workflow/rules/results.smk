@@ -10,6 +10,13 @@ TABLE_SPECS = sorted(str(p) for p in TABLES_DIR.glob("*.yaml"))
 TABLE_NAMES = [Path(p).stem for p in TABLE_SPECS]
 
 
+# Claim declarations (docs/results.md#claims), relative to the workflow's directory too.
+CLAIMS_DIR = Path(workflow.basedir) / config["claims_dir"]
+if not CLAIMS_DIR.is_dir():
+    raise ConfigError(f"claims_dir: {CLAIMS_DIR} is not a directory")
+CLAIM_SPECS = sorted(str(p) for p in CLAIMS_DIR.glob("*.yaml"))
+
+
 rule aggregate:
     input:
         all_run_outputs(),
@@ -64,3 +71,21 @@ rule plots:
         f"{R}/benchmarks/plots.tsv"
     shell:
         "{VLALIGN} results plots --db {input} --out {output} > {log} 2>&1"
+
+
+rule claims:
+    input:
+        db=f"{R}/results.duckdb",
+        specs=CLAIM_SPECS,
+    output:
+        md=report(f"{R}/claims/claims.md", caption="../report/claims.rst", category="Claims"),
+        tex=f"{R}/claims/claims.tex",
+        csv=f"{R}/claims/claims.csv",
+        png=report(f"{R}/claims/claims.png", caption="../report/claims.rst", category="Claims"),
+    log:
+        f"{R}/logs/claims.log",
+    benchmark:
+        f"{R}/benchmarks/claims.tsv"
+    shell:
+        "{VLALIGN} results claims --db {input.db} --claims-dir {CLAIMS_DIR:q} --out {R}/claims"
+        " > {log} 2>&1"

@@ -27,7 +27,7 @@ __all__ = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``ingest`` / ``tables`` / ``plots`` / ``query`` entry point (for the CLI and Snakemake)."""
+    """``ingest`` / ``tables`` / ``claims`` / ``plots`` / ``query`` entry point (for the CLI and Snakemake)."""
     p = argparse.ArgumentParser(prog="vlalign results", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("ingest", help="rebuild the DuckDB file from results/runs")
@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     # default: the checkout's declarations, wherever the command runs from
     s.add_argument("--tables-dir", default=str(REPO_ROOT / "config" / "tables"))
     s.add_argument("--out", default="results/tables")
+    s = sub.add_parser("claims", help="check config/claims/*.yaml: claims.{md,tex,csv,png}")
+    s.add_argument("--db", default="results/results.duckdb")
+    s.add_argument("--claims-dir", default=str(REPO_ROOT / "config" / "claims"))
+    s.add_argument("--out", default="results/claims")
     s = sub.add_parser("plots", help="write the default figures (PNG + PDF)")
     s.add_argument("--db", default="results/results.duckdb")
     s.add_argument("--out", default="results/plots")
@@ -54,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         from vlalign.results.tables import render_all
 
         for path in render_all(args.db, args.tables_dir, args.out):
+            print(path)
+    elif args.cmd == "claims":
+        from vlalign.results.claims import write_report
+
+        for path in write_report(args.db, args.claims_dir, args.out):
             print(path)
     elif args.cmd == "plots":
         from vlalign.results.plots import plot_all

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pandas as pd
 
 from vlalign.io_utils import atomic_path
@@ -62,6 +63,8 @@ _DDL = {
         threshold DOUBLE, effective_rank DOUBLE, n_components INTEGER, samples INTEGER)""",
 }
 TABLES = tuple(t for t in _DDL if t != "meta")
+# the columns that name a metrics row, and its resamples
+RESAMPLE_KEY = ("run", "stage", "dataset", "split", "metric")
 
 
 class ResultsInputError(ValueError):
@@ -432,3 +435,16 @@ def query(db_path: str | Path, sql: str) -> pd.DataFrame:
         return con.execute(sql).df()
     finally:
         con.close()
+
+
+def resample_map(db_path: str | Path) -> dict[tuple, tuple[str, np.ndarray]]:
+    """:data:`RESAMPLE_KEY` values → (scheme key, the row's resampled values in order)."""
+    df = query(
+        db_path,
+        "SELECT run, stage, dataset, split, metric, scheme_key, "
+        "list(value ORDER BY resample) AS vals FROM resamples GROUP BY ALL",
+    )
+    return {
+        tuple(r[k] for k in RESAMPLE_KEY): (r["scheme_key"], np.asarray(r["vals"], dtype=float))
+        for r in df.to_dict("records")
+    }

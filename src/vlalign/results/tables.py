@@ -22,7 +22,7 @@ import pandas as pd
 import yaml
 
 from vlalign.io_utils import write_text_atomic
-from vlalign.results.db import SCHEMA_VERSION, query
+from vlalign.results.db import RESAMPLE_KEY, SCHEMA_VERSION, query, resample_map
 from vlalign.results.stats import (
     DEFAULT_BOOTSTRAP,
     DEFAULT_LEVEL,
@@ -41,8 +41,7 @@ _AGGREGATES = ("mean_std", "mean", "none")
 _BETTER = ("higher", "lower", None)
 _INTERVALS = ("auto", "seeds", "none")
 _LAYOUTS = ("below", "inline")
-# the query columns that name a metrics row: with them, its image resamples are looked up
-RESAMPLE_KEY = ("run", "stage", "dataset", "split", "metric")
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -418,8 +417,9 @@ def _aggregate(
     where: str,
     resamples: dict[tuple, tuple[str, np.ndarray]] | None = None,
 ) -> dict[tuple, SeedValues]:
-    """Group key → seed → its value (with the metrics row's image resamples where
-    ``resamples`` has them; without a seed column each row is its own "seed")."""
+    """Group key → seed → its value (with the metrics row's image resamples where the query
+    returns the row's :data:`RESAMPLE_KEY` columns; without a seed column each row is its own
+    "seed")."""
     out = {}
     with_key = resamples is not None and set(RESAMPLE_KEY) <= set(df.columns)
     for key, g in df.groupby(keys, sort=False, dropna=False):
@@ -445,19 +445,6 @@ def _aggregate(
             )
         out[key] = values
     return out
-
-
-def _resample_map(db_path: str | Path) -> dict[tuple, tuple[str, np.ndarray]]:
-    """(run, stage, dataset, split, metric) → (scheme key, resampled values in order)."""
-    df = query(
-        db_path,
-        "SELECT run, stage, dataset, split, metric, scheme_key, "
-        "list(value ORDER BY resample) AS vals FROM resamples GROUP BY ALL",
-    )
-    return {
-        tuple(_py(r[k]) for k in RESAMPLE_KEY): (r["scheme_key"], np.asarray(r["vals"], float))
-        for _, r in df.iterrows()
-    }
 
 
 def _run_query(db_path: str | Path, sql: str, needed: list[str], where: str) -> pd.DataFrame:
@@ -556,7 +543,7 @@ def render_table(db_path: str | Path, spec: TableSpec | dict | str | Path) -> Ta
     keys = spec.rows + spec.columns
     needed = keys + ([spec.seed] if spec.seed else []) + [spec.value]
     df = _run_query(db_path, spec.query, needed, where)
-    resamples = _resample_map(db_path) if spec.interval == "auto" else None
+    resamples = resample_map(db_path) if spec.interval == "auto" else None
     agg = (
         _aggregate(df, keys, spec.value, spec.seed, spec.aggregate, where, resamples)
         if len(df)
