@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.cider.cider_scorer import precook
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 
@@ -81,6 +82,42 @@ def test_cider_full_set_check_fails_on_a_wrong_reference():
     tres = {k: [v] for k, v in res.items()}
     w = ResampleScheme("t", 8, 2).weights()
     right = Cider().compute_score(gts, tres)[0]
-    assert cider_resamples(gts, tres, list(res), w, right).shape == (2,)
+    hyps = [precook(res[i], 4) for i in res]
+    refs = [[precook(r, 4) for r in gts[i]] for i in res]
+    assert cider_resamples(hyps, refs, w, right).shape == (2,)
     with pytest.raises(ResampleCheckError, match="CIDEr"):
-        cider_resamples(gts, tres, list(res), w, right + 1e-3)
+        cider_resamples(hyps, refs, w, right + 1e-3)
+
+
+@pytest.mark.slow
+def test_cached_references_score_exactly_as_pycocoevalcap(tmp_path):
+    """The scorer with the split's references tokenized once (saved, loaded) gives the scores
+    of pycocoevalcap's own tokenizer and scorers, to the last bit; references of other
+    captions are refused."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    from vlalign.eval.references import References
+
+    res, gts = _corpus(30, refs=4, seed=3)
+    refs = References.build(gts)
+    refs.save(tmp_path / "test.json")
+    loaded = References.load(tmp_path / "test.json")
+    with CaptionScorer(spice="off") as scorer:
+        mine = scorer.score(res, gts, cached=loaded).scores
+        again = scorer.score(res, gts, cached=loaded).scores  # counts reused: same scores
+    tok = PTBTokenizer()
+    tgts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in gts.items()})
+    tres = tok.tokenize({k: [{"caption": v}] for k, v in res.items()})
+    bleu, _ = Bleu(4).compute_score(tgts, tres, verbose=0)
+    theirs = {f"Bleu_{n + 1}": b for n, b in enumerate(bleu)}
+    theirs["CIDEr"] = Cider().compute_score(tgts, tres)[0]
+    theirs["ROUGE_L"] = Rouge().compute_score(tgts, tres)[0]
+    meteor = Meteor()
+    try:
+        theirs["METEOR"] = meteor.compute_score(tgts, tres)[0]
+    finally:
+        meteor.meteor_p.kill()
+    assert {k: float(v) for k, v in theirs.items()} == mine == again
+    other = {k: [v[0] + " again"] + v[1:] for k, v in gts.items()}
+    with pytest.raises(ValueError, match="do not match"), CaptionScorer(spice="off") as scorer:
+        scorer.score(res, other, cached=loaded)

@@ -181,11 +181,21 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     p = args.params
     job = EvalJob.from_params(
-        p, data=args.data, tokenizer=args.tokenizer, vision=args.vision, out_dir=args.out_dir
+        p, data=args.data, tokenizer=args.tokenizer, vision=args.vision, out_dir=args.out_dir,
+        references=args.references,
     )
     evaluate_job(job, load_stage(args.stage))
     write_run_record(job.out_dir, p, run_started(p))
     log.info("evaluated %s -> %s", p["run"], job.out_dir)
+
+
+def cmd_references(args: argparse.Namespace) -> None:
+    """The split's reference captions, PTB-tokenized once for every run evaluated on it."""
+    from vlalign.eval.references import References
+    from vlalign.eval.runner import caption_references
+
+    References.build(caption_references(args.data, args.split)).save(args.out)
+    log.info("references %s/%s -> %s", args.data, args.split, args.out)
 
 
 def cmd_reference_rank(args: argparse.Namespace) -> None:
@@ -326,7 +336,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", required=True)
     s.add_argument("--vision", required=True, help="vision backbone dir (image processor)")
     s.add_argument("--out-dir", required=True)
+    s.add_argument(
+        "--references",
+        nargs="*",
+        default=[],
+        help="tokenized references, one file per --data dir (from the references command)",
+    )
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("references", help="tokenize a split's reference captions once")
+    s.add_argument("--data", required=True)
+    s.add_argument("--split", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_references)
 
     s = sub.add_parser("reference-rank", help="rank curve of the pre-trained LM alone")
     s.add_argument("--params", type=_json, required=True, help='{"eval": {...}}')

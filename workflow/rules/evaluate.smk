@@ -1,5 +1,6 @@
 # Evaluation: every run's last stage → predictions, metrics.json, rank curve, run.json.
 # The run record (run.json's fields) and which extra rank curves exist: vlalign.runs.record.
+from vlalign.runs.plan import run_eval_settings
 from vlalign.runs.record import evaluate_params
 
 
@@ -7,10 +8,35 @@ wildcard_constraints:
     run="|".join(RUNS) or "NO_RUNS",
 
 
+def caption_references(run):
+    """The tokenized references of each dataset a run's captions are scored on."""
+    ev = run_eval_settings(config, RUNS[run].spec)
+    if ev["task"] == "vqa":
+        return []
+    return [f"{R}/references/{d}/{ev['split']}.json" for d in RUNS[run].eval_datasets]
+
+
+# A split's reference captions, PTB-tokenized once for every run scored against them.
+rule references:
+    input:
+        data_dir("{dataset}"),
+    output:
+        f"{R}/references/{{dataset}}/{{split}}.json",
+    wildcard_constraints:
+        split="train|val|test",
+    log:
+        f"{R}/logs/references/{{dataset}}_{{split}}.log",
+    benchmark:
+        f"{R}/benchmarks/references/{{dataset}}_{{split}}.tsv"
+    shell:
+        "{VLALIGN} references --data {input} --split {wildcards.split} --out {output} > {log} 2>&1"
+
+
 rule evaluate:
     input:
         stage=lambda w: stage_dir(RUNS[w.run].stages[-1]),
         data=lambda w: [data_dir(d) for d in RUNS[w.run].eval_datasets],
+        references=lambda w: caption_references(w.run),
         tokenizer=f"{R}/tokenizer",
         vision=f"{R}/backbones/vision",
     output:
@@ -28,7 +54,7 @@ rule evaluate:
     shell:
         "{VLALIGN} evaluate --params {params.p:q} --stage {input.stage} --data {input.data}"
         " --tokenizer {input.tokenizer} --vision {input.vision} --out-dir {params.out_dir}"
-        " > {log} 2>&1"
+        " --references {input.references} > {log} 2>&1"
 
 
 rule reference_rank:

@@ -28,14 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pycocoevalcap.bleu.bleu import Bleu
-from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.bleu.bleu_scorer import BleuScorer, cook_test
+from pycocoevalcap.cider.cider_scorer import CiderScorer
+from pycocoevalcap.cider.cider_scorer import precook as cider_precook
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.spice import get_stanford_models as _spice_models
 from pycocoevalcap.tokenizer import ptbtokenizer as _ptb
 from tqdm import tqdm
 
+from vlalign.eval.references import References
 from vlalign.eval.resampling import (
     ResampleScheme,
     bleu_resamples,
@@ -223,18 +225,36 @@ class CaptionScorer:
         self._stack.close()
         self._meteor = None
 
-    def _meteor_eval(self, stats: list[str]) -> float:
-        """The jar's aggregate METEOR of these segment statistics (pycocoevalcap's protocol:
-        one ``EVAL`` line, one score line per segment, then the aggregate)."""
+    def _meteor_eval(self, batches: list[list[str]]) -> list[float]:
+        """The jar's aggregate METEOR of each batch of segment statistics (pycocoevalcap's
+        protocol: one ``EVAL`` line, one score line per segment, then the aggregate). The
+        lines are written by a thread while the answers are read, so that neither pipe fills
+        up and the JVM never waits for a round trip."""
         if self._meteor is None:
             self._meteor = self._stack.enter_context(_meteor())
         m = self._meteor
+        failed: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                for stats in batches:
+                    m.meteor_p.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode())
+                m.meteor_p.stdin.flush()
+            except (BrokenPipeError, OSError) as e:  # the reader reports the dead JVM
+                failed.append(e)
+
         with m.lock:
-            m.meteor_p.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode())
-            m.meteor_p.stdin.flush()
-            for _ in stats:
-                m.meteor_p.stdout.readline()
-            return float(m.meteor_p.stdout.readline().strip())
+            writer = threading.Thread(target=write, daemon=True, name="meteor-eval")
+            writer.start()
+            out = []
+            for stats in batches:
+                for _ in stats:
+                    m.meteor_p.stdout.readline()
+                out.append(float(m.meteor_p.stdout.readline().strip()))
+            writer.join()
+        if failed:
+            raise failed[0]
+        return out
 
     def _meteor_stats(self, gts: dict, res: dict, ids: list) -> list[str]:
         if self._meteor is None:
@@ -252,6 +272,7 @@ class CaptionScorer:
         references: dict[str, list[str]],
         *,
         resample: ResampleScheme | None = None,
+        cached: References | None = None,
         timings: dict[str, float] | None = None,
     ) -> CaptionScores:
         """Score captions over the images in ``predictions``.
@@ -262,6 +283,10 @@ class CaptionScorer:
                 prediction are ignored (a reference file may cover more images).
             resample: if given, every metric is also scored on these image resamples; the
                 images are taken in ``predictions``' order (``resample.n_images`` of them).
+            cached: the split's tokenized references (:class:`References`, e.g. from the
+                ``references`` rule): only the predictions are tokenized, and its n-gram
+                counts are reused; it must cover exactly ``references``' captions of the
+                scored ids (else ValueError).
             timings: if given, filled with wall seconds per step ("tokenize", "Bleu",
                 "METEOR", "ROUGE_L", "CIDEr", "SPICE").
         """
@@ -278,24 +303,19 @@ class CaptionScorer:
             )
         weights = resample.weights() if resample is not None else None
 
-        # tokenize predictions and references in one JVM; pycocoevalcap keys may be any hashable
-        flat = [predictions[i] for i in ids]
-        spans = []
-        for i in ids:
-            spans.append((len(flat), len(flat) + len(references[i])))
-            flat.extend(references[i])
         t0 = time.perf_counter()
-        tokens = ptb_tokenize(flat)
+        scored = {i: references[i] for i in ids}
+        if cached is None:
+            cached = References.build(scored)
+        elif not cached.covers(scored):
+            raise ValueError(
+                "cached references do not match the references of the scored images "
+                "(built from another dataset split?)"
+            )
+        tokens = ptb_tokenize([predictions[i] for i in ids])
         timings["tokenize"] = time.perf_counter() - t0
         res = {i: [tokens[k]] for k, i in enumerate(ids)}
-        gts = {i: tokens[a:b] for i, (a, b) in zip(ids, spans)}
-        for i in ids:
-            for j, ref in enumerate(gts[i]):
-                if not ref:
-                    raise ValueError(
-                        f"reference {j} of image id {i!r} is empty after tokenization: "
-                        f"{references[i][j]!r}"
-                    )
+        gts = {i: cached.tokens[str(i)] for i in ids}
 
         out = CaptionScores(scores={}, missing=[])
         scores, resamples = out.scores, out.resamples
@@ -304,13 +324,18 @@ class CaptionScorer:
         for step in tqdm(steps, desc="caption metrics", disable=None):
             t0 = time.perf_counter()
             if step == "Bleu":
-                bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+                # pycocoevalcap's BleuScorer on the cached cooked references (Bleu(4) builds
+                # the same scorer from the tokens)
+                bleu_scorer = BleuScorer(n=4)
+                bleu_scorer.crefs = [cached.bleu[str(i)] for i in ids]
+                bleu_scorer.ctest = [cook_test(res[i][0], cached.bleu[str(i)]) for i in ids]
+                bleu, _ = bleu_scorer.compute_score(option="closest", verbose=0)
                 scores.update({f"Bleu_{n + 1}": float(b) for n, b in enumerate(bleu)})
                 if weights is not None:
-                    resamples.update(bleu_resamples(gts, res, ids, weights, bleu))
+                    resamples.update(bleu_resamples(bleu_scorer.ctest, weights, bleu))
             elif step == "METEOR":
                 stats = self._meteor_stats(gts, res, ids)
-                scores["METEOR"] = self._meteor_eval(stats)
+                scores["METEOR"] = self._meteor_eval([stats])[0]
                 if weights is not None:
                     resamples["METEOR"] = meteor_resamples(
                         stats, weights, scores["METEOR"], self._meteor_eval
@@ -321,9 +346,15 @@ class CaptionScorer:
                 if weights is not None:
                     resamples["ROUGE_L"] = mean_resamples("ROUGE_L", per_image, weights, rouge)
             elif step == "CIDEr":
-                scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+                # pycocoevalcap's CiderScorer (CIDEr-D) on the cached reference counts
+                cider = CiderScorer(n=4, sigma=6.0)
+                cider.crefs = [cached.cider[str(i)] for i in ids]
+                cider.ctest = [cider_precook(res[i][0], 4) for i in ids]
+                scores["CIDEr"] = float(cider.compute_score()[0])
                 if weights is not None:
-                    resamples["CIDEr"] = cider_resamples(gts, res, ids, weights, scores["CIDEr"])
+                    resamples["CIDEr"] = cider_resamples(
+                        cider.ctest, cider.crefs, weights, scores["CIDEr"]
+                    )
             else:
                 try:
                     scores["SPICE"] = _run_spice(gts, res)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from vlalign.eval.caption_metrics import CaptionScorer
+from vlalign.eval.references import References
 from vlalign.eval.runner import EvalSettings, PathLike, evaluate_run, rank_curve_of_model
 from vlalign.io_utils import write_json_atomic
 from vlalign.methods.stage import (
@@ -117,6 +118,8 @@ class EvalJob:
     settings: EvalSettings
     text_kind: str | None = None  # the last stage's text: grounding_gap is measured on it
     text_max_length: int = 256
+    # each dataset's tokenized references (the references rule), or none: tokenized per call
+    references: tuple[Path, ...] = ()
 
     @classmethod
     def from_params(
@@ -127,6 +130,7 @@ class EvalJob:
         tokenizer: PathLike,
         vision: PathLike,
         out_dir: PathLike,
+        references: Sequence[PathLike] = (),
     ) -> EvalJob:
         """From the rule's ``--params`` (``run``, ``seed``, ``datasets``, ``eval``, ``config``)
         and paths (one data directory per dataset)."""
@@ -136,6 +140,8 @@ class EvalJob:
         names = list(params["datasets"])
         if len(data) != len(names) or not names:
             raise ValueError(f"--data has {len(data)} paths for datasets {names}")
+        if references and len(references) != len(names):
+            raise ValueError(f"--references has {len(references)} files for datasets {names}")
         last = (params.get("config", {}).get("stages") or [{}])[-1]
         return cls(
             run=params["run"],
@@ -147,6 +153,7 @@ class EvalJob:
             settings=EvalSettings.from_params(params["eval"]),
             text_kind=last["text"],
             text_max_length=last["max_length"],
+            references=tuple(Path(r) for r in references),
         )
 
 
@@ -161,6 +168,7 @@ def evaluate_dataset(
     settings: EvalSettings | None = None,
     extra_records: Sequence[Mapping[str, Any]] = (),
     scorer: CaptionScorer | None = None,
+    references: References | None = None,
 ) -> dict[str, Any]:
     """One dataset under one inference variant: predictions, rank curve and metrics written to
     ``out_dir``; returns the metrics (:func:`vlalign.eval.runner.evaluate_run`)."""
@@ -180,6 +188,7 @@ def evaluate_dataset(
         text_kind=job.text_kind,
         text_max_length=job.text_max_length,
         scorer=scorer,
+        references=references,
     )
 
 
@@ -217,20 +226,23 @@ def evaluate_job(job: EvalJob, stage: LoadedStage) -> dict[str, Any]:
     first dataset (captions only); writes the merged ``job.out_dir/metrics.json``. One
     METEOR JVM scores them all."""
     (first, first_dir), *others = job.datasets
+    refs = {name: References.load(path) for (name, _), path in zip(job.datasets, job.references)}
     with CaptionScorer(job.settings.spice) as scorer:
         metrics = evaluate_dataset(
             job, stage, first, first_dir, job.out_dir, extra_records=stage.records(),
-            scorer=scorer,
+            scorer=scorer, references=refs.get(first),
         )
         for dataset, data_dir in others:
             # its rank curve (cheap: one forward of the rank samples) is that dataset's row
             merge_metrics(metrics, evaluate_dataset(job, stage, dataset, data_dir,
-                                                    job.out_dir / dataset, scorer=scorer))
+                                                    job.out_dir / dataset, scorer=scorer,
+                                                    references=refs.get(dataset)))
         captions = replace(job.settings, task="caption", rank_samples=VARIANT_RANK_SAMPLES)
         for variant in selected_variants(job.settings, stage):
             more = evaluate_dataset(job, stage, first, first_dir,
                                     job.out_dir / f"variant-{variant.name}",
-                                    variant=variant.name, settings=captions, scorer=scorer)
+                                    variant=variant.name, settings=captions, scorer=scorer,
+                                    references=refs.get(first))
             metrics["records"] += variant_records(more, variant)
     write_json_atomic(job.out_dir / "metrics.json", metrics)
     return metrics

@@ -6,7 +6,8 @@ would give on that multiset (a drawn image counts as often as it was drawn, in C
 frequencies too). Every run evaluated on the same images gets the same resamples (they depend
 only on :class:`ResampleScheme`), so two runs can be compared image for image.
 
-From per-image sufficient statistics, computed once per run:
+From per-image sufficient statistics, the ones pycocoevalcap's scorers compute (the reference
+side from :class:`~vlalign.eval.references.References`):
 - BLEU-1..4: pycocoevalcap's per-image counts (hypothesis length, closest reference length,
   guessed and matched n-grams), summed with the resample's weights;
 - ROUGE-L: pycocoevalcap's corpus score is the mean of its per-image scores;
@@ -26,8 +27,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from pycocoevalcap.bleu.bleu_scorer import BleuScorer
-from pycocoevalcap.cider.cider_scorer import precook
 from scipy import sparse
 
 DEFAULT_RESAMPLES = 200
@@ -73,28 +72,26 @@ def _check(name: str, full: float, reference: float) -> None:
 
 
 def bleu_resamples(
-    gts: dict, res: dict, ids: Sequence, weights: np.ndarray, reference: Sequence[float]
+    comps: Sequence[dict], weights: np.ndarray, reference: Sequence[float]
 ) -> dict[str, np.ndarray]:
-    """BLEU-1..4 per resample (pycocoevalcap's ``closest`` reference length)."""
-    scorer = BleuScorer(n=4)
-    for i in ids:
-        scorer += (res[i][0], gts[i])
+    """BLEU-1..4 per resample from pycocoevalcap's per-image counts (``BleuScorer.ctest``:
+    hypothesis length, reference lengths, guessed and matched n-grams; ``closest`` length)."""
     stats = np.array(
         [
-            [c["testlen"], scorer._single_reflen(c["reflen"], "closest", c["testlen"])]
+            [c["testlen"], min((abs(r - c["testlen"]), r) for r in c["reflen"])[1]]
             + list(c["guess"]) + list(c["correct"])
-            for c in scorer.ctest
+            for c in comps
         ],
         dtype=float,
     )
     out = {}
-    for name, w in (("full", np.ones((1, len(ids)))), ("resamples", weights)):
+    for name, w in (("full", np.ones((1, len(comps)))), ("resamples", weights)):
         tot = w @ stats  # (R, 10): testlen, reflen, guess[4], correct[4]
         bleu = np.ones(len(w))
         ratio = (tot[:, 0] + 1e-15) / (tot[:, 1] + 1e-9)
         penalty = np.where(ratio < 1, np.exp(1 - 1 / np.maximum(ratio, 1e-300)), 1.0)
         for k in range(4):
-            bleu = bleu * (tot[:, 6 + k] + 1e-15) / (tot[:, 2 + k] + 1e-9)
+            bleu = bleu * ((tot[:, 6 + k] + 1e-15) / (tot[:, 2 + k] + 1e-9))
             out.setdefault(name, []).append(bleu ** (1.0 / (k + 1)) * penalty)
     for k in range(4):
         _check(f"Bleu_{k + 1}", float(out["full"][k][0]), reference[k])
@@ -111,9 +108,10 @@ def mean_resamples(
 
 
 def cider_resamples(
-    gts: dict, res: dict, ids: Sequence, weights: np.ndarray, reference: float
+    hyps: Sequence[dict], refs: Sequence[Sequence[dict]], weights: np.ndarray, reference: float
 ) -> np.ndarray:
-    """CIDEr-D per resample, its document frequencies counted over the resample."""
+    """CIDEr-D per resample, its document frequencies counted over the resample, from
+    pycocoevalcap's term frequencies (``precook``) of each hypothesis and its references."""
     vocab: dict[tuple, int] = {}
     col = lambda g: vocab.setdefault(g, len(vocab))  # noqa: E731
     # one row per (image, reference, order) for the products, per (image, order) for the
@@ -122,17 +120,15 @@ def cider_resamples(
     b_rows, b_cols, b_vals = [], [], []
     p_rows, p_cols = [], []
     penalty, ref_row_image, n_refs = [], [], []
-    for i_img, i in enumerate(ids):
-        hyp = precook(res[i][0], _CIDER_N)
+    for i_img, (hyp, cooked_refs) in enumerate(zip(hyps, refs)):
         hyp_len = sum(c for g, c in hyp.items() if len(g) == 2)  # pycocoevalcap: bigram count
         for g, c in hyp.items():
             b_rows.append(i_img * _CIDER_N + len(g) - 1)
             b_cols.append(col(g))
             b_vals.append(float(c) ** 2)
         present = set()
-        refs = [precook(r, _CIDER_N) for r in gts[i]]
-        n_refs.append(len(refs))
-        for ref in refs:
+        n_refs.append(len(cooked_refs))
+        for ref in cooked_refs:
             row0 = len(penalty) * _CIDER_N
             ref_len = sum(c for g, c in ref.items() if len(g) == 2)
             penalty.append(math.exp(-((hyp_len - ref_len) ** 2) / (2 * _CIDER_SIGMA**2)))
@@ -146,7 +142,7 @@ def cider_resamples(
         for g in present:
             p_rows.append(i_img)
             p_cols.append(vocab[g])
-    n, v, n_ref_rows = len(ids), len(vocab), len(penalty) * _CIDER_N
+    n, v, n_ref_rows = len(hyps), len(vocab), len(penalty) * _CIDER_N
     a = sparse.csr_matrix((a_vals, (a_rows, a_cols)), shape=(n_ref_rows, v))
     c = sparse.csr_matrix((c_vals, (a_rows, a_cols)), shape=(n_ref_rows, v))
     b = sparse.csr_matrix((b_vals, (b_rows, b_cols)), shape=(n * _CIDER_N, v))
@@ -176,12 +172,13 @@ def meteor_resamples(
     stats: Sequence[str],
     weights: np.ndarray,
     reference: float,
-    evaluate: Callable[[list[str]], float],
+    evaluate: Callable[[list[list[str]]], list[float]],
 ) -> np.ndarray:
     """METEOR per resample: the jar's aggregate of the resample's segment statistics
-    (``evaluate``: one ``EVAL`` call of the open METEOR process)."""
-    _check("METEOR", evaluate(list(stats)), reference)
-    out = []
-    for w in weights.astype(int):
-        out.append(evaluate([s for s, k in zip(stats, w) for _ in range(k)]))
+    (``evaluate``: ``EVAL`` lines through the open METEOR process, one per batch)."""
+    batches = [list(stats)] + [
+        [s for s, k in zip(stats, w) for _ in range(k)] for w in weights.astype(int)
+    ]
+    full, *out = evaluate(batches)
+    _check("METEOR", full, reference)
     return np.asarray(out)

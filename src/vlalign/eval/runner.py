@@ -36,6 +36,7 @@ from vlalign.data.tokenizer import load_tokenizer, vlm_token_ids
 from vlalign.eval.caption_metrics import CaptionScorer
 from vlalign.eval.effective_rank import rank_curve_record
 from vlalign.eval.grounding import caption_grounding, gap_scores, objects_of
+from vlalign.eval.references import References
 from vlalign.eval.resampling import DEFAULT_RESAMPLES, ResampleScheme
 from vlalign.eval.vqa import vqa_score
 from vlalign.io_utils import atomic_path, write_json_atomic
@@ -203,6 +204,12 @@ def _caption_rows(ds: Dataset, data_dir: PathLike, split: str) -> tuple[list[str
                 f"{data_dir}: split {split!r}: image {image_id!r} has no reference captions"
             )
     return ids, refs
+
+
+def caption_references(data_dir: PathLike, split: str) -> dict[str, list[str]]:
+    """Image id → reference captions of a split (what its caption metrics score against)."""
+    ids, refs = _caption_rows(load_split(data_dir, split), data_dir, split)
+    return {str(i): list(r) for i, r in zip(ids, refs)}
 
 
 def _vqa_rows(ds: Dataset, data_dir: PathLike, split: str) -> list[dict]:
@@ -448,6 +455,7 @@ def evaluate_run(
     text_kind: str | None = None,
     text_max_length: int = 256,
     scorer: CaptionScorer | None = None,
+    references: References | None = None,
 ) -> dict[str, Any]:
     """Evaluate the model saved in ``model_dir`` on ``settings.split`` of the dataset in
     ``data_dir``; ``run``, ``stage``, ``dataset`` label the records.
@@ -472,6 +480,8 @@ def evaluate_run(
             of :mod:`vlalign.eval.grounding` where the rows' ``meta`` carries ``objects``.
         scorer: the job's :class:`CaptionScorer` (one METEOR JVM for all its calls); default:
             one for this call.
+        references: the split's tokenized references (the ``references`` rule's file, loaded
+            once per job); default: tokenized here.
 
     Returns:
         the ``metrics.json`` object (``schema_version``, ``run``, ``records``, ``missing``).
@@ -524,7 +534,7 @@ def evaluate_run(
                 scorer = stack.enter_context(CaptionScorer(cfg.spice))
             caps = scorer.score(
                 dict(zip(cap_ids, preds)), dict(zip(cap_ids, cap_refs)),
-                resample=cfg.resample_scheme(dataset, len(cap_ids)),
+                resample=cfg.resample_scheme(dataset, len(cap_ids)), cached=references,
             )
         scores.update(caps.scores)
         missing += caps.missing
