@@ -288,3 +288,21 @@ def test_trained_model_scores_higher_than_untrained(world, untrained, tmp_path):
     assert after["CIDEr"] > before["CIDEr"] + 0.03, (before, after)
     assert after["Bleu_4"] > before["Bleu_4"] + 0.05, (before, after)
     assert after["METEOR"] > before["METEOR"] + 0.05, (before, after)
+
+
+def test_corpus_metrics_carry_their_image_resamples(untrained):
+    _, metrics = untrained
+    by_metric = {r["metric"]: r for r in metrics["records"]}
+    for m in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
+        block = by_metric[m]["resamples"]
+        assert block["scheme"]["key"] == "world/test/0" and block["scheme"]["count"] == 200
+        assert len(block["values"]) == 200
+    assert "resamples" not in by_metric["grounding_gap"]
+
+
+def test_task_none_measures_the_losses_only(world, tmp_path):
+    metrics = _eval(world, tmp_path, task="none", text_kind="recaption")
+    names = {r["metric"] for r in metrics["records"]}
+    assert {"grounding_gap", "effective_rank_0.9"} <= names
+    assert not names & {"CIDEr", "VQA_acc", "distinct_ratio"}
+    assert (tmp_path / "predictions.jsonl").read_text() == ""

@@ -11,7 +11,7 @@ wildcard_constraints:
 def caption_references(run):
     """The tokenized references of each dataset a run's captions are scored on."""
     ev = run_eval_settings(config, RUNS[run].spec)
-    if ev["task"] == "vqa":
+    if ev["task"] not in ("caption", "both"):
         return []
     return [f"{R}/references/{d}/{ev['split']}.json" for d in RUNS[run].eval_datasets]
 

@@ -45,7 +45,9 @@ from vlalign.models.generation import InputsFn, generate, inference_cache
 from vlalign.models.vlm import VLM_CONFIG_NAME, VisionLanguageModel
 
 METRICS_SCHEMA_VERSION = 1
-TASKS = ("caption", "vqa", "both")
+# "none": no generation, only the loss-based metrics (grounding_gap, effective rank): for an
+# ablation arm that is compared on those alone
+TASKS = ("caption", "vqa", "both", "none")
 REFERENCE_LM_RUN = "_reference_lm"
 RANK_THRESHOLD = 0.9
 RANK_METRIC = f"effective_rank_{RANK_THRESHOLD}"
@@ -494,8 +496,9 @@ def evaluate_run(
     extras = [_extra(r, i) for i, r in enumerate(extra_records)]
     tok = load_tokenizer(tokenizer_dir)
     special = vlm_token_ids(tok)
-    cap_ids, cap_refs = _caption_rows(ds, data_dir, split) if task != "vqa" else ([], [])
-    vqa_items = _vqa_rows(ds, data_dir, split) if task != "caption" else []
+    cap_ids, cap_refs = _caption_rows(ds, data_dir, split) if task in ("caption", "both") else (
+        [], [])
+    vqa_items = _vqa_rows(ds, data_dir, split) if task in ("vqa", "both") else []
     rank_idx = _rank_indices(ds, cfg.rank_samples, data_dir, split)
 
     processor = load_image_processor(vision_dir)
