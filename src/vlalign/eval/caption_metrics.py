@@ -337,9 +337,7 @@ class CaptionScorer:
                 stats = self._meteor_stats(gts, res, ids)
                 scores["METEOR"] = self._meteor_eval([stats])[0]
                 if weights is not None:
-                    resamples["METEOR"] = meteor_resamples(
-                        stats, weights, scores["METEOR"], self._meteor_eval
-                    )
+                    resamples["METEOR"] = meteor_resamples(stats, weights, scores["METEOR"])
             elif step == "ROUGE_L":
                 rouge, per_image = Rouge().compute_score(gts, res)
                 scores["ROUGE_L"] = float(rouge)

@@ -14,8 +14,8 @@ side from :class:`~vlalign.eval.references.References`):
 - CIDEr-D: its idf weights are ``log N - log max(1, df)`` with df counted over the resample, so
   each resample re-weights n-grams. ``min(tf_h idf, tf_r idf) = min(tf_h, tf_r) idf`` (idf >= 0),
   so every dot product and norm is linear in idf², one sparse product per resample;
-- METEOR: the jar's own aggregate, one ``EVAL`` line of resampled segment statistics each (the
-  JVM that scored the run does it: no second JVM, nothing re-aligned).
+- METEOR: the jar's segment statistics (lengths, matches per module, chunks), summed with the
+  resample's weights and put through METEOR's formula (nothing re-aligned, no JVM call).
 Every family is checked against pycocoevalcap's full-set score before it is returned.
 """
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,17 +168,53 @@ def cider_resamples(
     return np.concatenate([corpus(weights[k : k + 50]) for k in range(0, len(weights), 50)])
 
 
-def meteor_resamples(
-    stats: Sequence[str],
-    weights: np.ndarray,
-    reference: float,
-    evaluate: Callable[[list[list[str]]], list[float]],
-) -> np.ndarray:
-    """METEOR per resample: the jar's aggregate of the resample's segment statistics
-    (``evaluate``: ``EVAL`` lines through the open METEOR process, one per batch)."""
-    batches = [list(stats)] + [
-        [s for s, k in zip(stats, w) for _ in range(k)] for w in weights.astype(int)
-    ]
-    full, *out = evaluate(batches)
-    _check("METEOR", full, reference)
-    return np.asarray(out)
+# METEOR 1.5's English parameters (``-l en``, task "rank"): alpha, beta, gamma, delta and the
+# weights of its exact, stem, synonym and paraphrase modules (Denkowski & Lavie, 2014)
+_METEOR_ALPHA, _METEOR_BETA, _METEOR_GAMMA, _METEOR_DELTA = 0.85, 0.20, 0.60, 0.75
+_METEOR_WEIGHTS = (1.0, 0.6, 0.8, 0.6)
+_METEOR_STATS = 23  # test/ref lengths, test/ref function words, 4 x 4 module matches, chunks,
+# test/ref word matches
+
+
+def meteor_from_stats(totals: np.ndarray) -> np.ndarray:
+    """METEOR of summed segment statistics ``(R, 23)`` (the jar's ``EVAL`` aggregate; sum
+    :func:`_segment_rows`):
+    weighted precision and recall over content and function words, their harmonic mean
+    weighted by alpha, times one minus the fragmentation penalty gamma (chunks / mean
+    matches)^beta."""
+    t = np.asarray(totals, dtype=float)
+    d = _METEOR_DELTA
+    mods = t[:, 4:20].reshape(len(t), 4, 4)  # test content, ref content, test fn, ref fn
+    w = np.asarray(_METEOR_WEIGHTS)
+    test_m = ((d * mods[:, :, 0] + (1 - d) * mods[:, :, 2]) * w).sum(axis=1)
+    ref_m = ((d * mods[:, :, 1] + (1 - d) * mods[:, :, 3]) * w).sum(axis=1)
+    test_len = d * (t[:, 0] - t[:, 2]) + (1 - d) * t[:, 2]
+    ref_len = d * (t[:, 1] - t[:, 3]) + (1 - d) * t[:, 3]
+    p = np.divide(test_m, test_len, out=np.zeros(len(t)), where=test_len > 0)
+    r = np.divide(ref_m, ref_len, out=np.zeros(len(t)), where=ref_len > 0)
+    den = _METEOR_ALPHA * p + (1 - _METEOR_ALPHA) * r
+    fmean = np.divide(p * r, den, out=np.zeros(len(t)), where=den > 0)
+    chunks, matched = t[:, 20], (t[:, 21] + t[:, 22]) / 2
+    frag = np.divide(chunks, matched, out=np.zeros(len(t)), where=matched > 0)
+    return fmean * (1 - _METEOR_GAMMA * frag**_METEOR_BETA)
+
+
+def _segment_rows(stats: Sequence[str]) -> np.ndarray:
+    """The jar's segment statistics as rows; a perfect segment (every word matched, in one
+    chunk) counts no chunk, as the jar sums them (so it is not penalised, alone or not)."""
+    rows = np.array([[float(x) for x in s.split()] for s in stats])
+    if rows.ndim != 2 or rows.shape[1] != _METEOR_STATS:
+        raise ResampleCheckError(
+            f"METEOR statistics have {rows.shape[-1]} fields, expected {_METEOR_STATS}"
+        )
+    perfect = (rows[:, 21] == rows[:, 0]) & (rows[:, 22] == rows[:, 1]) & (rows[:, 20] == 1)
+    rows[perfect, 20] = 0.0
+    return rows
+
+
+def meteor_resamples(stats: Sequence[str], weights: np.ndarray, reference: float) -> np.ndarray:
+    """METEOR per resample from the jar's segment statistics (``SCORE`` lines), summed with
+    the resample's weights; checked against the jar's own aggregate of the full set."""
+    rows = _segment_rows(stats)
+    _check("METEOR", float(meteor_from_stats(rows.sum(axis=0, keepdims=True))[0]), reference)
+    return meteor_from_stats(weights @ rows)
