@@ -121,3 +121,13 @@ def test_cached_references_score_exactly_as_pycocoevalcap(tmp_path):
     other = {k: [v[0] + " again"] + v[1:] for k, v in gts.items()}
     with pytest.raises(ValueError, match="do not match"), CaptionScorer(spice="off") as scorer:
         scorer.score(res, other, cached=loaded)
+
+
+def test_meteor_disabled_is_missing_never_zero():
+    res, gts = _corpus(6)
+    with CaptionScorer(spice="off", meteor=False) as scorer:
+        out = scorer.score(res, gts, resample=ResampleScheme("t", 6, 3))
+    assert "METEOR" not in out.scores and "METEOR" not in out.resamples
+    assert {"metric": "METEOR", "reason": "disabled (eval.meteor: false)"} in out.missing
+    assert scorer._meteor is None  # no JVM was started
+    assert {"Bleu_4", "ROUGE_L", "CIDEr"} <= set(out.scores)

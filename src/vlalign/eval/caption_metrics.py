@@ -211,10 +211,11 @@ class CaptionScorer:
     datasets and inference variants). Use as a context manager: the JVM is started on first
     use and always shut down on exit."""
 
-    def __init__(self, spice: str = "auto") -> None:
+    def __init__(self, spice: str = "auto", meteor: bool = True) -> None:
         if spice not in SPICE_MODES:
             raise ValueError(f"spice must be one of {SPICE_MODES}, got {spice!r}")
         self.spice = spice
+        self.meteor = meteor  # False: METEOR is listed as missing ("disabled"), never 0
         self._stack = contextlib.ExitStack()
         self._meteor: Meteor | None = None
 
@@ -319,8 +320,11 @@ class CaptionScorer:
 
         out = CaptionScores(scores={}, missing=[])
         scores, resamples = out.scores, out.resamples
-        steps = ["Bleu", "METEOR", "ROUGE_L", "CIDEr"]
+        steps = ["Bleu", "METEOR", "ROUGE_L", "CIDEr"] if self.meteor else [
+            "Bleu", "ROUGE_L", "CIDEr"]
         steps += ["SPICE"] if spice_reason is None else []
+        if not self.meteor:
+            out.missing.append({"metric": "METEOR", "reason": "disabled (eval.meteor: false)"})
         for step in tqdm(steps, desc="caption metrics", disable=None):
             t0 = time.perf_counter()
             if step == "Bleu":

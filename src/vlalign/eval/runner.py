@@ -75,6 +75,7 @@ class EvalSettings:
     max_new_tokens: int = 32
     batch_size: int = 16
     spice: str = "auto"
+    meteor: bool = True
     rank_samples: int = 64
     rank_text_tokens: int = DEFAULT_RANK_TEXT_TOKENS
     variants: tuple[str, ...] = ("normal",)
@@ -534,7 +535,7 @@ def evaluate_run(
         ]
         with contextlib.ExitStack() as stack:
             if scorer is None:
-                scorer = stack.enter_context(CaptionScorer(cfg.spice))
+                scorer = stack.enter_context(CaptionScorer(cfg.spice, meteor=cfg.meteor))
             caps = scorer.score(
                 dict(zip(cap_ids, preds)), dict(zip(cap_ids, cap_refs)),
                 resample=cfg.resample_scheme(dataset, len(cap_ids)), cached=references,
