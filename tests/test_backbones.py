@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import WIDER, lm_cfg, make_tokenizer, vision_cfg
+from helpers import WIDER, lm_cfg, lm_config, make_tokenizer, vision_cfg
 from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
@@ -304,3 +304,56 @@ def test_fetch_pretrained_errors(tmp_path: Path) -> None:
         bb.fetch_pretrained("lm", f"local:{missing}", out)
     assert not out.exists()  # atomic: nothing half-written
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def _hub_like_tokenizer():
+    """A pre-trained LM's tokenizer: its own BPE, no VLM tokens (add_vlm_tokens adds them)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.train_from_iterator(["a red circle", "two blue squares"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|end|>"],
+                                                show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|end|>")
+
+
+@pytest.mark.parametrize("tied, spare", [(True, 8), (False, 8), (True, 0)])
+def test_added_vlm_tokens_start_at_the_mean_row(tied: bool, spare: int) -> None:
+    """A fetched LM's rows for the VLM tokens (new to it) are the mean of its pre-trained rows,
+    in the head too when untied; an embedding without spare rows grows first."""
+    from transformers import Qwen2ForCausalLM
+
+    from vlalign.data.tokenizer import add_vlm_tokens, vlm_token_ids
+    from vlalign.models.backbones import init_added_token_rows
+
+    tok = _hub_like_tokenizer()
+    base = tok.vocab_size
+    torch.manual_seed(0)
+    lm = Qwen2ForCausalLM(lm_config(vocab_size=base + spare, tie_word_embeddings=tied))
+    before = lm.get_input_embeddings().weight[:base].clone()
+    add_vlm_tokens(tok)
+    ids = vlm_token_ids(tok)
+    new = init_added_token_rows(lm, tok, ids.values())
+    assert new and all(i >= base for i in new) and len(new) == len(tok) - base
+    emb = lm.get_input_embeddings().weight
+    assert emb.shape[0] >= len(tok)
+    assert torch.equal(emb[:base], before)  # the pre-trained rows are untouched
+    for i in new:
+        assert torch.allclose(emb[i], before.mean(0))
+        if not tied:
+            head = lm.get_output_embeddings().weight
+            assert torch.allclose(head[i], head[:base].mean(0))
+
+
+def test_a_tokenizer_the_lm_was_trained_with_is_left_alone(tok) -> None:
+    from transformers import Qwen2ForCausalLM
+
+    from vlalign.data.tokenizer import vlm_token_ids
+    from vlalign.models.backbones import init_added_token_rows
+
+    lm = Qwen2ForCausalLM(lm_config(vocab_size=len(tok)))
+    before = lm.get_input_embeddings().weight.clone()
+    assert init_added_token_rows(lm, tok, vlm_token_ids(tok).values()) == []
+    assert torch.equal(lm.get_input_embeddings().weight, before)

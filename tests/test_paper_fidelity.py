@@ -20,7 +20,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from vlalign.config import REPO_ROOT, ConfigError, load_config
+from vlalign.config import REPO_ROOT, ConfigError, load_config, load_yaml
 from vlalign.eval.job import LoadedStage
 from vlalign.methods import apply_methods, prefix_position_ids
 from vlalign.methods.registry import embedding_parameters, get_method, lm_base_parameters
@@ -151,7 +151,8 @@ def test_reverse_order_runs_train_only_the_prefix_last(path):
     stages, runs = plan(load_config(path))
     seen = 0
     for run in runs.values():
-        if len(run.stages) < 2:
+        # alternation (Table 9) trains one method per step: test_table_5_6_9_10_runs_plan
+        if len(run.stages) < 2 or run.name.startswith("alternation_"):
             continue
         last, parent = stages[run.stages[-1]], stages[run.stages[-2]]
         if not parent.resolved.peft or not last.resolved.peft:
@@ -412,3 +413,32 @@ def test_paper_recipe_has_table6_full_shot_pathvqa_and_single_ablation_baselines
     assert runs["pathvqa_s0"].stages[:-1] == runs["align4_s0"].stages
     assert runs["pathvqa_s0"].eval_datasets == ["pathvqa"]
     assert stages[runs["pathvqa_s0"].stages[-1]].settings["text"] == "qa"
+
+
+ABLATIONS = REPO_ROOT / "config" / "recipes" / "pt_peft_ablations.yaml"
+
+
+@pytest.mark.parametrize("base, overlay", [(DEFAULT, ABLATIONS), (PAPER, None)])
+def test_table_5_6_9_10_runs_plan(base, overlay):
+    """Seed 003 Tables 6, 9 and 10 as runs (the default's overlay, the paper recipe): the
+    alternation trains one method per step; the epoch splits add up to the same total; the
+    encoder ablations change the prefix of both stages and nothing else."""
+    config = load_config(base, load_yaml(overlay) if overlay else None)
+    stages, runs = plan(config)
+    alt = runs["alternation_4_s0"]
+    trained = [stages[h].settings.methods for h in alt.stages[-4:]]
+    assert [[m.name for m in ms] for ms in trained] == [["prefix"], ["lora"], ["prefix"],
+                                                        ["lora"]]
+    splits = {r: [stages[h].settings.epochs for h in runs[r].stages[-2:]]
+              for r in runs if r.startswith("epochs_")}
+    assert len(splits) == 3 and len({sum(e) for e in splits.values()}) == 1
+    assert len({tuple(e) for e in splits.values()}) == 3
+    for run, key, value in (("prefix_no_type_embedding_s0", "use_type_embedding", False),
+                            ("prefix_no_mlp_s0", "use_mlp", False)):
+        for h in runs[run].stages[-2:]:
+            prefix = next(m for m in stages[h].settings.methods if m.name == "prefix")
+            assert prefix.config[key] is value
+    # Table 5: the parallel run is evaluated with its prefix removed and replaced by noise
+    if overlay is None:
+        assert {"removed", "noise"} <= set(runs["parallel_lora_s0"].spec["eval"][
+            "prefix_variants"])

@@ -438,3 +438,22 @@ def test_baseline_needs_a_seed_column_and_a_value_per_row_key():
         spec_from_dict({**BASELINE_SPEC, "seed": None})
     with pytest.raises(TableSpecError, match="one value per row key"):
         spec_from_dict({**BASELINE_SPEC, "baseline": ["lora", "x"]})
+
+
+def test_prefix_variants_table_rows_per_variant(tmp_path: Path):
+    """Seed 003 Table 5: one row per (run, variant) of the runs evaluated under variants."""
+    root = tmp_path / "results"
+    for seed in (0, 1):
+        _run(root, f"prefix_lora_s{seed}", seed, {"CIDEr": 1.0 + seed / 10, "Bleu_4": 0.3})
+        path = root / "runs" / f"prefix_lora_s{seed}" / "metrics.json"
+        obj = json.loads(path.read_text())
+        obj["records"] += [{**r, "stage": "peft@prefix_removed", "value": r["value"] / 2}
+                           for r in list(obj["records"])]
+        path.write_text(json.dumps(obj))
+        _run(root, f"lora_s{seed}", seed, {"CIDEr": 0.9, "Bleu_4": 0.3})
+    db = tmp_path / "r.duckdb"
+    ingest(root, db)
+    result = render_table(db, TABLES_DIR / "prefix_variants.yaml")
+    assert result.row_keys == [("prefix_lora", "normal"), ("prefix_lora", "removed")]
+    cider = next(j for j, c in enumerate(result.columns) if c.key[-1] == "CIDEr")
+    assert result.cells[(("prefix_lora", "removed"), cider)].mean == pytest.approx(52.5)

@@ -212,6 +212,7 @@ def cmd_reference_rank(args: argparse.Namespace) -> None:
         batch_size=ev.batch_size,
         dataset=args.dataset,
         text_tokens=ev.rank_text_tokens,
+        text_loss_out=args.text_loss_out,
     )
 
 
@@ -355,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lm", required=True)
     s.add_argument("--data", required=True)
     s.add_argument("--dataset", required=True, help="the data's dataset name")
+    s.add_argument("--text-loss-out", help="also its loss on recaptions vs human captions")
     s.add_argument("--tokenizer", required=True)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_reference_rank)

@@ -34,7 +34,8 @@ def data_dir(name):
 def rank_outputs():
     """The reference rank curves (vlalign.runs.record decides which exist)."""
     return [
-        *[f"{R}/runs/_reference_lm/{d}/rank_curve.json" for d in rank_datasets(RUNS)],
+        *[f"{R}/runs/_reference_lm/{d}/{f}" for d in rank_datasets(RUNS)
+          for f in ("rank_curve.json", "text_loss.json")],
         *[f"{R}/runs/{run}/before_peft/{d}/rank_curve.json" for run, d in before_peft(RUNS, STAGES)],
     ]
 

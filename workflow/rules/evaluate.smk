@@ -63,7 +63,9 @@ rule reference_rank:
         data=data_dir("{dataset}"),
         tokenizer=f"{R}/tokenizer",
     output:
-        f"{R}/runs/_reference_lm/{{dataset}}/rank_curve.json",
+        rank=f"{R}/runs/_reference_lm/{{dataset}}/rank_curve.json",
+        # its cross-entropy on AI-generated vs human text of the same images (seed 002 Fig. 5a)
+        text_loss=f"{R}/runs/_reference_lm/{{dataset}}/text_loss.json",
     params:
         p=lambda w: params_json(eval=config["eval"]),
     log:
@@ -72,8 +74,8 @@ rule reference_rank:
         f"{R}/benchmarks/reference_rank/{{dataset}}.tsv"
     shell:
         "{VLALIGN} reference-rank --params {params.p:q} --lm {input.lm} --data {input.data}"
-        " --dataset {wildcards.dataset} --tokenizer {input.tokenizer} --out {output}"
-        " > {log} 2>&1"
+        " --dataset {wildcards.dataset} --tokenizer {input.tokenizer} --out {output.rank}"
+        " --text-loss-out {output.text_loss} > {log} 2>&1"
 
 
 # The model before PEFT on its PEFT runs' dataset: the rank curve alone (no generation).

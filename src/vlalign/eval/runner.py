@@ -38,6 +38,7 @@ from vlalign.eval.effective_rank import rank_curve_record
 from vlalign.eval.grounding import caption_grounding, gap_scores, objects_of
 from vlalign.eval.references import References
 from vlalign.eval.resampling import DEFAULT_RESAMPLES, ResampleScheme
+from vlalign.eval.text_loss import lm_text_loss
 from vlalign.eval.vqa import vqa_score
 from vlalign.io_utils import atomic_path, write_json_atomic
 from vlalign.models.backbones import load_image_processor, load_lm
@@ -605,10 +606,13 @@ def reference_rank_curve(
     *,
     dataset: str | None = None,
     text_tokens: int = DEFAULT_RANK_TEXT_TOKENS,
+    text_loss_out: PathLike | None = None,
 ) -> dict[str, Any]:
     """Rank curve of the pre-trained LM alone on the same fixed-length text of the same rank
     samples (text positions only: compare it with the runs' ``text`` curves), written to
-    ``out_path`` as a ``rank_curve.json`` with run ``_reference_lm``; returns it."""
+    ``out_path`` as a ``rank_curve.json`` with run ``_reference_lm``; returns it. With
+    ``text_loss_out``, also the LM's loss on the split's recaptions vs its human captions
+    (:func:`vlalign.eval.text_loss.lm_text_loss`) is written there."""
     lm_dir = Path(lm_dir)
     if not (lm_dir / "config.json").is_file():
         raise FileNotFoundError(f"LM dir {lm_dir} has no config.json (not a save_pretrained dir)")
@@ -623,5 +627,8 @@ def reference_rank_curve(
         REFERENCE_LM_RUN, feats, 0, dataset=dataset or Path(data_dir).name, split=split,
         reference="pretrained_lm",
     )
+    if text_loss_out is not None:
+        loss = lm_text_loss(lm, tok, ds, batch_size=batch_size)
+        write_json_atomic(text_loss_out, {"dataset": curve["dataset"], "split": split, **loss})
     write_json_atomic(out_path, curve)
     return curve

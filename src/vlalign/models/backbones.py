@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +131,33 @@ def save_backbone(model: nn.Module, out: str | Path, metrics: dict[str, Any], ex
         for obj in extra:
             obj.save_pretrained(str(tmp))
         write_json_atomic(Path(tmp) / METRICS_FILE, metrics)
+
+
+def pretrained_here(lm_dir: str | Path) -> bool:
+    """Whether the LM in ``lm_dir`` was pre-trained by this project (on its own tokenizer),
+    rather than fetched from a hub or a local checkpoint (``pretrain_metrics.json``)."""
+    path = Path(lm_dir) / METRICS_FILE
+    return path.is_file() and bool(json.loads(path.read_text()).get("pretrained_here"))
+
+
+@torch.no_grad()
+def init_added_token_rows(lm: nn.Module, tokenizer, token_ids) -> list[int]:
+    """Rows of tokens a fetched LM never saw (the VLM's ``<bos>``, ``<inst>``, ``<ans>``, ...
+    added to its tokenizer: ids at or past ``tokenizer.vocab_size``) set to the mean of its
+    pre-trained rows, in the input embeddings and an untied LM head; the embedding grows to
+    ``len(tokenizer)`` first if it is smaller. Returns the ids set. A hub checkpoint's spare
+    rows (Qwen2 pads 151,665 tokens to 151,936 rows) were never trained: left as they are, a
+    new token's embedding would be whatever they hold."""
+    base = tokenizer.vocab_size
+    if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
+        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    new = sorted({int(i) for i in token_ids if int(i) >= base})
+    if not new:
+        return []
+    tables = [lm.get_input_embeddings().weight]
+    head = lm.get_output_embeddings()
+    if head is not None and head.weight.data_ptr() != tables[0].data_ptr():
+        tables.append(head.weight)
+    for w in tables:
+        w[new] = w[:base].mean(dim=0).to(w.dtype)
+    return new

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 # 2: rank curves per (run, dataset, positions); 3: the run record's columns (base_run, grid,
 # method_order, prefix_length, chain) in runs; 4: resamples (image resamples of corpus metrics)
+# and lm_text_loss
 SCHEMA_VERSION = 4
 # Version of the metrics.json file format this reader understands (docs/outputs.md).
 METRICS_FILE_VERSION = 1
@@ -49,6 +50,11 @@ _DDL = {
         run VARCHAR NOT NULL, stage VARCHAR, dataset VARCHAR, split VARCHAR,
         metric VARCHAR NOT NULL, decoding JSON, scheme_key VARCHAR NOT NULL,
         n_images INTEGER NOT NULL, resample INTEGER NOT NULL, value DOUBLE NOT NULL)""",
+    # the pre-trained LM's per-token loss on each text kind of a dataset's images (seed 002
+    # Fig. 5a): runs/_reference_lm/<dataset>/text_loss.json
+    "lm_text_loss": """CREATE TABLE lm_text_loss (
+        dataset VARCHAR NOT NULL, split VARCHAR, text VARCHAR NOT NULL, loss DOUBLE NOT NULL,
+        tokens BIGINT, texts BIGINT, images BIGINT)""",
     "missing_metrics": """CREATE TABLE missing_metrics (
         run VARCHAR NOT NULL, metric VARCHAR NOT NULL, reason VARCHAR)""",
     "train_log": """CREATE TABLE train_log (
@@ -275,6 +281,23 @@ def _rank_curve_files(run_dir: Path) -> list[Path]:
     return [f for f in files if f.is_file()]
 
 
+def _read_text_loss(path: Path) -> list[dict]:
+    obj = _load_json(path)
+    if not isinstance(obj, dict) or "dataset" not in obj:
+        raise ResultsInputError(f"{path}: expected an object with 'dataset'")
+    out = []
+    for text in ("recaption", "captions"):
+        part = obj.get(text)
+        if part is None:  # no image has both texts: nothing to compare (never 0)
+            continue
+        if not isinstance(part, dict) or not _is_number(part.get("loss")):
+            raise ResultsInputError(f"{path}: {text}.loss must be a finite number")
+        out.append({"dataset": obj["dataset"], "split": obj.get("split"), "text": text,
+                    "loss": float(part["loss"]), "tokens": part.get("tokens"),
+                    "texts": part.get("texts"), "images": obj.get("images")})
+    return out
+
+
 def _read_train_log(path: Path) -> pd.DataFrame:
     try:
         df = pd.read_csv(path)
@@ -353,6 +376,8 @@ def _collect(results_dir: Path) -> dict[str, pd.DataFrame]:
             rows["metrics"] += recs
             rows["resamples"] += resamples
             rows["missing_metrics"] += missing
+        for loss_json in sorted(run_dir.glob("*/text_loss.json")):
+            rows["lm_text_loss"] += _read_text_loss(loss_json)
         seen: dict[tuple, Path] = {}
         for curve_json in curve_files:
             curves, summaries = _read_rank_curve(curve_json, run)

@@ -411,10 +411,40 @@ def plot_metric_vs_config(
     return save(fig, out_dir, name)
 
 
+@page_style
+def plot_lm_text_loss(
+    db_path: str | Path, out_dir: str | Path, name: str = "lm_text_loss"
+) -> list[Path]:
+    """The pre-trained LM's per-token cross-entropy on recaptions vs human captions of the same
+    images, one pair of bars per dataset (seed 002 Fig. 5(a)); skipped (logged) without data."""
+    df = query(db_path, "SELECT dataset, text, loss FROM lm_text_loss WHERE split = 'test'")
+    if df.empty:
+        log.warning("%s: no lm_text_loss rows (no dataset with recaptions); skipping plot %s",
+                    db_path, name)
+        return []
+    datasets = sorted(df["dataset"].unique())
+    fig, (ax,) = grid(1)
+    kinds = [("recaption", "recaptions (AI)"), ("captions", "human captions")]
+    colours = line_styles([k for k, _ in kinds])
+    width = 0.38
+    for k, (text, label) in enumerate(kinds):
+        sub = df[df["text"] == text].set_index("dataset")
+        xs = [i + (k - 0.5) * width for i, d in enumerate(datasets) if d in sub.index]
+        ys = [sub.loc[d, "loss"] for d in datasets if d in sub.index]
+        ax.bar(xs, ys, width, label=label, color=colours[text]["color"])
+    ax.set_xticks(range(len(datasets)), datasets)
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_title("pre-trained LM, text only")
+    figure_legend(fig, {label: {"color": colours[text]["color"]}
+                        for text, label in kinds})
+    return save(fig, out_dir, name)
+
+
 def plot_all(db_path: str | Path, out_dir: str | Path) -> list[Path]:
     """Every default figure that has data; figures without data are skipped (logged)."""
     paths = plot_loss_per_stage(db_path, out_dir)
     paths += plot_recap_vs_human(db_path, out_dir)
+    paths += plot_lm_text_loss(db_path, out_dir)
     paths += plot_rank_curves(db_path, out_dir)
     # the file keeps the name it had when the prefix length was read from the config JSON
     paths += plot_metric_vs_config(

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from vlalign.config import schema_defaults
 from vlalign.data.tokenizer import load_tokenizer, vlm_token_ids
 from vlalign.io_utils import atomic_path, stable_hash, write_json_atomic
-from vlalign.models.backbones import load_image_processor
+from vlalign.models.backbones import init_added_token_rows, load_image_processor, pretrained_here
 from vlalign.models.noise import noise_seed
 from vlalign.models.vlm import VisionLanguageModel
 from vlalign.runs.settings import StageSettings, as_stage_settings
@@ -78,13 +78,16 @@ def build_model(
     if paths.parent is not None:
         return VisionLanguageModel.from_pretrained(paths.parent / "model", **kwargs)
     torch.manual_seed(seed)  # the fresh projector's initialisation
-    return VisionLanguageModel.from_parts(
+    model = VisionLanguageModel.from_parts(
         paths.vision,
         paths.lm,
         projector_kind=model_cfg["projector"],
         **kwargs,
         **model_cfg["projector_kwargs"],
     )
+    if not pretrained_here(paths.lm):  # a fetched LM: the VLM tokens are new to it
+        init_added_token_rows(model.lm, tokenizer, specials.values())
+    return model
 
 
 def stage_examples(
