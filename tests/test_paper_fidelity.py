@@ -426,17 +426,17 @@ def test_table_5_6_9_10_runs_plan(base, overlay):
     config = load_config(base, load_yaml(overlay) if overlay else None)
     stages, runs = plan(config)
     alt = runs["alternation_4_s0"]
-    trained = [stages[h].settings.methods for h in alt.stages[-4:]]
+    trained = [[m for m in stages[h].resolved.peft if m.lr > 0] for h in alt.stages[-4:]]
     assert [[m.name for m in ms] for ms in trained] == [["prefix"], ["lora"], ["prefix"],
                                                         ["lora"]]
-    splits = {r: [stages[h].settings.epochs for h in runs[r].stages[-2:]]
+    splits = {r: [stages[h].resolved.epochs for h in runs[r].stages[-2:]]
               for r in runs if r.startswith("epochs_")}
     assert len(splits) == 3 and len({sum(e) for e in splits.values()}) == 1
     assert len({tuple(e) for e in splits.values()}) == 3
     for run, key, value in (("prefix_no_type_embedding_s0", "use_type_embedding", False),
                             ("prefix_no_mlp_s0", "use_mlp", False)):
         for h in runs[run].stages[-2:]:
-            prefix = next(m for m in stages[h].settings.methods if m.name == "prefix")
+            prefix = next(m for m in stages[h].resolved.peft if m.name == "prefix")
             assert prefix.config[key] is value
     # Table 5: the parallel run is evaluated with its prefix removed and replaced by noise
     if overlay is None:
