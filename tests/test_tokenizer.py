@@ -163,3 +163,15 @@ def test_load_tokenizer_on_non_tokenizer_dir(tmp_path: Path) -> None:
         load_tokenizer(empty)
     with pytest.raises(FileNotFoundError, match="missing_dir"):
         load_tokenizer(tmp_path / "missing_dir")
+
+
+def test_encode_text_equals_the_tokenizer_call(tmp_path):
+    """encode_text calls a fast tokenizer's Rust encoder directly: the ids of
+    ``tok(text, add_special_tokens=False)``, VLM tokens and odd whitespace included."""
+    from vlalign.data.text_formats import encode_text
+    from vlalign.data.tokenizer import train_tokenizer
+
+    texts = ["A red circle.", "  two  spaces ", "<image> a <inst> q <ans> x<eos>", "ünïcode ✓", ""]
+    tok = train_tokenizer(texts * 50, vocab_size=300)
+    for t in texts:
+        assert encode_text(tok, t) == list(tok(t, add_special_tokens=False).input_ids), t

@@ -14,6 +14,7 @@ sees a pixel.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -23,7 +24,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from vlalign.data.text_formats import IGNORE_INDEX, caption_target, conversation_ids, qa_turns
+from vlalign.data.text_formats import (
+    IGNORE_INDEX,
+    caption_target,
+    conversation_ids,
+    encode_text,
+    qa_turns,
+)
 from vlalign.data.world import position_name
 from vlalign.models.vlm import position_ids_from_mask
 
@@ -50,7 +57,13 @@ def scene_texts(
 
 def _word_ids(tok: PreTrainedTokenizerBase, words: Sequence[str]) -> list[int]:
     # with a leading space, as the words appear inside a sentence
-    return [i for w in words for i in tok(" " + w, add_special_tokens=False).input_ids]
+    return [i for w in words for i in _one_word_ids(tok, w)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _one_word_ids(tok: PreTrainedTokenizerBase, word: str) -> tuple[int, ...]:
+    # a scene's few dozen words recur in every bag of every row
+    return tuple(encode_text(tok, " " + word))
 
 
 def scene_bags(meta: str, tok: PreTrainedTokenizerBase, side: int) -> list[list[int]]:

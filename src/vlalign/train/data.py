@@ -17,6 +17,9 @@ from vlalign.train.features import FeatureCache
 TEXT_KINDS = ("recaption", "captions", "conversations", "qa")
 
 
+CACHE_ROWS = 100_000  # splits up to this size keep their token ids in memory
+
+
 class StageExamples(Dataset):
     """Examples of one split for one stage's ``text`` kind.
 
@@ -53,6 +56,11 @@ class StageExamples(Dataset):
             features.check_ids(split_name, split["image_id"])
             self.features = features.split(split_name)
         self.epoch = 0
+        # token ids are a function of (row, caption chosen): computed once, reused by every
+        # epoch (12 epochs of stage1 tokenized each text 12 times); bounded for real datasets
+        self._ids: dict[tuple[int, int], tuple[list[int], list[int]]] | None = (
+            {} if len(split) <= CACHE_ROWS else None
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -61,6 +69,14 @@ class StageExamples(Dataset):
         return len(self.rows)
 
     def token_ids(self, i: int) -> tuple[list[int], list[int]]:
+        if self._ids is None:
+            return self._token_ids(i)
+        key = (i, self.epoch if self.text == "captions" else 0)
+        if key not in self._ids:
+            self._ids[key] = self._token_ids(i)
+        return self._ids[key]
+
+    def _token_ids(self, i: int) -> tuple[list[int], list[int]]:
         row = self.rows[i]
         if self.text == "recaption":
             if not row["recaption"]:
