@@ -101,3 +101,9 @@ def test_mixed_schemes_are_refused():
     a = {0: SeedValue(1.0, np.ones(5), "world/test/0"), 1: SeedValue(1.0, np.ones(5), "x")}
     with pytest.raises(ValueError, match="different schemes"):
         interval(a)
+
+
+def test_one_shared_seed_is_no_comparison_even_with_resamples():
+    one = {0: SeedValue(1.0, np.ones(50), "s")}
+    other = {0: SeedValue(0.0, np.zeros(50), "s"), 1: SeedValue(0.0, np.zeros(50), "s")}
+    assert compare(one, other) is None

@@ -130,9 +130,9 @@ def compare(
     seed: int = 0,
 ) -> Comparison | None:
     """Paired difference ``arm − baseline`` over the seeds both have (None: fewer than two
-    shared seeds, or a single shared seed without resamples)."""
+    shared seeds — image resamples alone say nothing of the seed-to-seed spread)."""
     shared = [s for s in arm if s in baseline]
-    if not shared:
+    if len(shared) < 2:
         return None
     a = [arm[s] for s in shared]
     b = [baseline[s] for s in shared]
@@ -145,8 +145,6 @@ def compare(
         lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
         p = bootstrap_p(boot)
         return Comparison(diff, float(lo), float(hi), p, n, HIERARCHICAL)
-    if n < 2:
-        return None
     sd = float(d.std(ddof=1))
     q = float(_st.t.ppf((1 + level) / 2, n - 1))
     if sd == 0.0:
