@@ -180,9 +180,10 @@ def test_dag_runs_every_rule_as_a_slurm_job(dag_run: DagRun) -> None:
     for name in ("predictions.jsonl", "rank_curve.json", "run.json"):
         assert (results / "runs" / p.run / name).is_file(), name
 
-    # one SLURM job per DAG job: dataset, tokenizer, 2 backbones, features, stage, evaluate
+    # one SLURM job per DAG job: dataset, tokenizer, 2 backbones, features, stage, the
+    # evaluated split's references, evaluate
     expected = Counter({"dataset": len(p.datasets), "tokenizer": 1, "backbone": 2,
-                        "features": 1, "train_stage": 1, "evaluate": 1})
+                        "features": 1, "train_stage": 1, "references": 1, "evaluate": 1})
     assert Counter(dag_run.jobs.values()) == expected, dag_run.jobs
     assert "localrule" not in dag_run.proc.stdout + dag_run.proc.stderr  # nothing ran locally
 
