@@ -226,46 +226,21 @@ class CaptionScorer:
         self._stack.close()
         self._meteor = None
 
-    def _meteor_eval(self, batches: list[list[str]]) -> list[float]:
-        """The jar's aggregate METEOR of each batch of segment statistics (pycocoevalcap's
-        protocol: one ``EVAL`` line, one score line per segment, then the aggregate). The
-        lines are written by a thread while the answers are read, so that neither pipe fills
-        up and the JVM never waits for a round trip."""
-        if self._meteor is None:
+    def _meteor_score(self, gts: dict, res: dict, ids: list) -> tuple[float, list[str]]:
+        """The jar's corpus METEOR and each segment's statistics, pycocoevalcap's protocol
+        (``compute_score``): one ``SCORE`` line per segment, then one ``EVAL`` line of all
+        statistics, answered by a score per segment and the aggregate."""
+        if self._meteor is None:  # started on first use, shared by every later call
             self._meteor = self._stack.enter_context(_meteor())
         m = self._meteor
-        failed: list[BaseException] = []
-
-        def write() -> None:
-            try:
-                for stats in batches:
-                    m.meteor_p.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode())
-                m.meteor_p.stdin.flush()
-            except (BrokenPipeError, OSError) as e:  # the reader reports the dead JVM
-                failed.append(e)
-
         with m.lock:
-            writer = threading.Thread(target=write, daemon=True, name="meteor-eval")
-            writer.start()
-            out = []
-            for stats in batches:
-                for _ in stats:
-                    m.meteor_p.stdout.readline()
-                out.append(float(m.meteor_p.stdout.readline().strip()))
-            writer.join()
-        if failed:
-            raise failed[0]
-        return out
-
-    def _meteor_stats(self, gts: dict, res: dict, ids: list) -> list[str]:
-        if self._meteor is None:
-            self._meteor = self._stack.enter_context(_meteor())
-        # Meteor's line protocol uses "|||" as separator; it only strips it from hypotheses
-        with self._meteor.lock:
-            return [
-                self._meteor._stat(res[i][0], [r.replace("|||", "") for r in gts[i]])
-                for i in ids
-            ]
+            # Meteor's line protocol uses "|||" as separator; it only strips it from hypotheses
+            stats = [m._stat(res[i][0], [r.replace("|||", "") for r in gts[i]]) for i in ids]
+            m.meteor_p.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode())
+            m.meteor_p.stdin.flush()
+            for _ in stats:
+                m.meteor_p.stdout.readline()
+            return float(m.meteor_p.stdout.readline().strip()), stats
 
     def score(
         self,
@@ -338,8 +313,7 @@ class CaptionScorer:
                 if weights is not None:
                     resamples.update(bleu_resamples(bleu_scorer.ctest, weights, bleu))
             elif step == "METEOR":
-                stats = self._meteor_stats(gts, res, ids)
-                scores["METEOR"] = self._meteor_eval([stats])[0]
+                scores["METEOR"], stats = self._meteor_score(gts, res, ids)
                 if weights is not None:
                     resamples["METEOR"] = meteor_resamples(stats, weights, scores["METEOR"])
             elif step == "ROUGE_L":

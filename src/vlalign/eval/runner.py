@@ -537,13 +537,13 @@ def evaluate_run(
         with contextlib.ExitStack() as stack:
             if scorer is None:
                 scorer = stack.enter_context(CaptionScorer(cfg.spice, meteor=cfg.meteor))
+            scheme = cfg.resample_scheme(dataset, len(cap_ids))
             caps = scorer.score(
                 dict(zip(cap_ids, preds)), dict(zip(cap_ids, cap_refs)),
-                resample=cfg.resample_scheme(dataset, len(cap_ids)), cached=references,
+                resample=scheme, cached=references,
             )
         scores.update(caps.scores)
         missing += caps.missing
-        scheme = cfg.resample_scheme(dataset, len(cap_ids))
         resamples = {
             m: {"scheme": scheme.as_dict(), "values": [float(x) for x in v]}
             for m, v in caps.resamples.items()

@@ -11,29 +11,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from datasets import Dataset
 from torch import nn
 
-from vlalign.pretrain.lm import encode_texts, pad_batch
+from vlalign.pretrain.lm import encode_texts, token_nll
 
 TEXT_KINDS = ("recaption", "captions")
-
-
-@torch.no_grad()
-def _token_loss(lm: nn.Module, seqs: list[list[int]], pad_id: int, batch_size: int) -> tuple:
-    device = next(lm.parameters()).device
-    total, count = 0.0, 0
-    for i in range(0, len(seqs), batch_size):
-        ids, mask = (t.to(device) for t in pad_batch(seqs[i : i + batch_size], pad_id))
-        logits = lm(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        total += F.cross_entropy(
-            logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum"
-        ).item()
-        count += int((target != -100).sum())
-    return total, count
 
 
 def lm_text_loss(
@@ -59,7 +42,7 @@ def lm_text_loss(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for kind in TEXT_KINDS:
         seqs = encode_texts(tokenizer, texts[kind], max_length)
-        total, count = _token_loss(lm, seqs, pad, batch_size)
+        total, count = token_nll(lm, seqs, pad, batch_size)
         out[kind] = {"loss": total / max(count, 1), "tokens": count, "texts": len(seqs)}
         if not math.isfinite(out[kind]["loss"]):
             raise ValueError(f"non-finite {kind} loss: {out[kind]['loss']}")

@@ -54,12 +54,26 @@ def lm_perplexity(
 ) -> float:
     """Token-level perplexity (exp of the mean next-token NLL) over every predicted token, or
     over the supervised ones of ``labels`` (aligned with ``seqs``, -100 = no loss)."""
+    total, count = token_nll(model, seqs, pad_id, batch_size, labels)
+    return math.exp(total / max(count, 1))
+
+
+@torch.no_grad()
+def token_nll(
+    model: nn.Module,
+    seqs: list[list[int]],
+    pad_id: int,
+    batch_size: int = 64,
+    labels: list[list[int]] | None = None,
+) -> tuple[float, int]:
+    """Summed next-token NLL (nats) and the number of tokens it covers: every predicted token,
+    or the supervised ones of ``labels`` (aligned with ``seqs``, -100 = no loss)."""
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, len(seqs), batch_size):
         ids, mask = (t.to(device) for t in pad_batch(seqs[i : i + batch_size], pad_id))
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         if labels is not None:
             lab, _ = pad_batch(labels[i : i + batch_size], -100)
@@ -68,7 +82,7 @@ def lm_perplexity(
             logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum"
         ).item()
         count += int((target != -100).sum())
-    return math.exp(total / max(count, 1))
+    return total, count
 
 
 def _scene_rows(dsd: DatasetDict, split: str, tok, max_length: int, side: int) -> list[tuple]:

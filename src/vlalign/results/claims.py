@@ -36,7 +36,7 @@ from vlalign.results.stats import (
     interval,
     verdict,
 )
-from vlalign.results.tables import TableSpecError, format_p, latex_escape
+from vlalign.results.tables import TableSpecError, format_p, latex_escape, seed_values
 
 log = logging.getLogger(__name__)
 
@@ -178,13 +178,7 @@ def _values(db_path: str | Path, arm: Arm, resamples: dict, where: str) -> dict:
     if df["seed"].duplicated().any():
         raise ClaimSpecError(f"{where}: several rows for one seed; return one value per seed")
     keyed = set(RESAMPLE_KEY) <= set(df.columns)
-    out = {}
-    for rec in df.to_dict("records"):
-        hit = resamples.get(tuple(rec[k] for k in RESAMPLE_KEY)) if keyed else None
-        out[int(rec["seed"])] = SeedValue(
-            float(rec["value"]), None if hit is None else hit[1], None if hit is None else hit[0]
-        )
-    return out
+    return seed_values(df, "value", "seed", resamples if keyed else None)
 
 
 def evaluate_claim(

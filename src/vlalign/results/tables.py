@@ -434,17 +434,26 @@ def _aggregate(
             raise TableSpecError(
                 f"{where}: {len(g)} values for {dict(zip(keys, key))} with aggregate: none"
             )
-        values: SeedValues = {}
-        for i, row in enumerate(g.itertuples(index=False)):
-            rec = row._asdict()
-            hit = resamples.get(tuple(rec[k] for k in RESAMPLE_KEY)) if with_key else None
-            values[_py(rec[seed]) if seed is not None else i] = SeedValue(
-                float(rec[value]),
-                None if hit is None else hit[1],
-                None if hit is None else hit[0],
-            )
-        out[key] = values
+        out[key] = seed_values(g, value, seed, resamples if with_key else None)
     return out
+
+
+def seed_values(
+    rows: pd.DataFrame,
+    value: str,
+    seed: str | None,
+    resamples: dict[tuple, tuple[str, np.ndarray]] | None,
+) -> SeedValues:
+    """Seed → its value, with the image resamples of the metrics row it names (its
+    :data:`RESAMPLE_KEY` columns) where ``resamples`` has them; without a seed column each
+    row is its own "seed"."""
+    values: SeedValues = {}
+    for i, rec in enumerate(rows.to_dict("records")):
+        hit = resamples.get(tuple(rec[k] for k in RESAMPLE_KEY)) if resamples else None
+        values[_py(rec[seed]) if seed is not None else i] = SeedValue(
+            float(rec[value]), None if hit is None else hit[1], None if hit is None else hit[0]
+        )
+    return values
 
 
 def _run_query(db_path: str | Path, sql: str, needed: list[str], where: str) -> pd.DataFrame:
