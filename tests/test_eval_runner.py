@@ -15,6 +15,8 @@ from helpers import LM, build_world
 
 from vlalign.data.text_formats import (
     IGNORE_INDEX,
+    PLAIN,
+    TextFormat,
     caption_prompt,
     caption_target,
     conversation_ids,
@@ -211,7 +213,13 @@ def test_eval_job_from_params_checks_its_inputs(tmp_path):
                               out_dir=tmp_path)
     assert job.datasets == (("a", Path("da")), ("b", Path("db")))
     assert (job.seed, job.text_kind, job.text_max_length) == (1, "recaption", 99)
-    assert job.settings == EvalSettings(task="vqa")
+    assert job.settings == EvalSettings(task="vqa") and job.text_format == PLAIN
+    # the last stage's instructions: the prompts carry them (a model is asked as trained)
+    last = params["config"]["stages"][-1]
+    fmt = {**params, "config": {"stages": [{**last, "instructions": ["Which objects?"],
+                                            "task_prompt": "A photo of"}]}}
+    job = EvalJob.from_params(fmt, data=["da", "db"], tokenizer="t", vision="v", out_dir=tmp_path)
+    assert job.text_format == TextFormat(("Which objects?",), "A photo of")
     with pytest.raises(ValueError, match=r"--data has 1 paths for datasets \['a', 'b'\]"):
         EvalJob.from_params(params, data=["da"], tokenizer="t", vision="v", out_dir=tmp_path)
     with pytest.raises(ValueError, match="missing key 'seed'"):
@@ -298,6 +306,17 @@ def test_corpus_metrics_carry_their_image_resamples(untrained):
         assert block["scheme"]["key"] == "world/test/0" and block["scheme"]["count"] == 200
         assert len(block["values"]) == 200
     assert "resamples" not in by_metric["grounding_gap"]
+
+
+def test_the_runs_text_format_lays_out_the_scored_text(world, tmp_path):
+    # grounding_gap scores the run's training text in its format: instructions change it
+    fmt = TextFormat(("What objects are in the picture?",), "A photo of")
+    plain, instructed = (
+        {r["metric"]: r["value"] for r in _eval(world, tmp_path / name, task="none",
+                                                 text_kind="captions", text_format=f)["records"]}
+        for name, f in (("plain", PLAIN), ("instructed", fmt))
+    )
+    assert instructed["grounding_loss_own"] != pytest.approx(plain["grounding_loss_own"])
 
 
 def test_task_none_measures_the_losses_only(world, tmp_path):

@@ -21,6 +21,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from vlalign.config import REPO_ROOT, ConfigError, load_config, load_yaml
+from vlalign.data.text_formats import PLAIN, TextFormat
 from vlalign.eval.job import LoadedStage
 from vlalign.methods import apply_methods, prefix_position_ids
 from vlalign.methods.registry import embedding_parameters, get_method, lm_base_parameters
@@ -409,7 +410,11 @@ def test_paper_recipe_has_table6_full_shot_pathvqa_and_single_ablation_baselines
     assert chain("no_stage0_s0") == align4[1:]
     # full-shot COCO and PathVQA continue the aligned model
     assert runs["coco_full_shot_s0"].stages[:-1] == runs["align4_s0"].stages
-    assert stages[runs["coco_full_shot_s0"].stages[-1]].settings["dataset"] == "coco_karpathy"
+    full_shot = stages[runs["coco_full_shot_s0"].stages[-1]].settings
+    assert full_shot["dataset"] == "coco_karpathy"
+    # trained and evaluated with the short-caption prompt (the last stage's format)
+    assert full_shot["task_prompt"] == "Provide a one-sentence caption for the provided image."
+    assert TextFormat.from_settings(full_shot) != PLAIN
     assert runs["pathvqa_s0"].stages[:-1] == runs["align4_s0"].stages
     assert runs["pathvqa_s0"].eval_datasets == ["pathvqa"]
     assert stages[runs["pathvqa_s0"].stages[-1]].settings["text"] == "qa"

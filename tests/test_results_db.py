@@ -331,3 +331,27 @@ def test_empty_results_dir(tmp_path):
     assert query(tmp_path / "r.duckdb", "SELECT * FROM runs").empty
     with pytest.raises(FileNotFoundError, match="missing_dir"):
         ingest(tmp_path / "missing_dir", tmp_path / "r.duckdb")
+
+
+def test_auxiliary_loss_columns_become_train_log_terms(tree):
+    # a PEFT method's named extra-loss terms (PeftSession.loss_terms) are train_log.csv columns
+    results, db, _ = tree
+    run = json.loads((results / "runs/recap_s0/run.json").read_text())
+    csv = results / "stages" / run["chain"][1]["hash"] / "train_log.csv"
+    lines = csv.read_text().splitlines()
+    lines[0] += ",info_bottleneck.kl,dma.loss"
+    for i in range(1, len(lines)):
+        lines[i] += f",{0.01 * i},{'' if i == 1 else 0.5}"  # dma.loss absent at step 1
+    csv.write_text("\n".join(lines) + "\n")
+    counts = ingest(results, db)
+    terms = query(db, "SELECT * FROM train_log_terms WHERE run = 'recap_s0' ORDER BY term, step")
+    n = len(lines) - 1
+    assert counts["train_log_terms"] == len(terms) == 2 * n - 1
+    kl = terms[terms["term"] == "info_bottleneck.kl"]
+    assert kl["value"].tolist() == pytest.approx([0.01 * i for i in range(1, n + 1)])
+    assert kl["step"].tolist() == list(range(1, n + 1))
+    assert set(kl["stage"]) == {run["chain"][1]["stage"]}
+    # train_log keeps its own columns, joined on (run, global_step)
+    joined = query(db, "SELECT count(*) AS n FROM train_log_terms t JOIN train_log l "
+                       "USING (run, stage_index, global_step) WHERE t.run = 'recap_s0'")
+    assert joined["n"][0] == 2 * n - 1

@@ -373,3 +373,29 @@ def test_four_stage_chain_learns(assets, features, tmp_path):
         results["stage1"]["heldout_loss"],
         untrained,
     )
+
+
+class _TermsSession(_AuxLossSession):
+    """A session whose auxiliary loss has two named terms (PeftSession.total_loss keeps the
+    values it added in ``last_terms``)."""
+
+    def total_loss(self, outputs, batch) -> torch.Tensor:
+        reg = sum((p**2).sum() for p in self.model.projector.parameters())
+        self.last_terms = {"toy.reg": float(reg.detach()), "toy.const": 0.25}
+        return outputs.loss + reg + 0.25
+
+
+def test_auxiliary_loss_terms_are_logged_per_step(assets, tmp_path):
+    paths = stage_paths(assets, tmp_path, "s")
+    session = build_session(stage_settings(max_steps=2), paths, name="s", stage_hash="h", seed=0)
+    session.peft = _TermsSession(session.unwrapped)
+    session.model.train()
+    row = train_step(session, 0)
+    assert row["toy.const"] == pytest.approx(0.25)  # token-weighted over micro-batches: sums to 1
+    reg = sum(float((p**2).sum()) for p in session.unwrapped.projector.parameters())
+    assert 0 < row["toy.reg"] and row["toy.reg"] != pytest.approx(reg)  # before the update
+    from vlalign.train.loop import _csv, log_columns
+
+    rows = [row, train_step(session, 1)]
+    assert log_columns(rows)[-2:] == ["toy.reg", "toy.const"]
+    assert _csv(rows).splitlines()[0].endswith(",toy.reg,toy.const")

@@ -9,18 +9,32 @@ so every text sequence starts right after the image with one ``<bos>``.
 
 Generation prompts are the prefixes up to where the model has to continue: ``[<bos>]`` for a
 caption, ``[<bos>, <inst>, *question, <ans>]`` for a VQA answer.
+
+A stage may put instructions before its target (:class:`TextFormat`, the stage keys
+``instructions`` and ``task_prompt``), e.g. PETAL's stacked instructions (seed 001 Table 7)::
+
+    <bos> <inst> What objects are in the picture? <inst> ... <inst> A photo of <ans> caption <eos>
+
+or seed 002's short-caption prompt of the COCO full-shot stage
+(``<bos> <inst> Provide a one-sentence caption for the provided image. <ans> caption <eos>``).
+For QA the ``task_prompt`` is a template of the question (``"Question: {question} Short
+answer:"``) and the instructions stand before the first question only. Evaluation prompts with
+the format of the run's last stage, so a model is asked as it was trained.
 """
 
 from __future__ import annotations
 
 import collections
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from vlalign.data.tokenizer import IMAGE, vlm_token_ids
 
 IGNORE_INDEX = -100  # label of positions without loss (torch cross_entropy's ignore_index)
+QUESTION_FIELD = "{question}"  # where a QA task_prompt puts the question
 HUMAN_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
 
@@ -42,25 +56,94 @@ def decode_text(tok: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
     return tok.decode([int(i) for i in ids], skip_special_tokens=True).strip()
 
 
-def caption_prompt(tok: PreTrainedTokenizerBase) -> list[int]:
-    """Generation prompt of a caption: ``[<bos>]``."""
-    return [vlm_token_ids(tok)["bos"]]
+@dataclass(frozen=True)
+class TextFormat:
+    """The instructions a stage puts before its targets (the module doc). The default format
+    (no instructions, no task prompt) is the plain one: ``<bos> caption <eos>``."""
+
+    instructions: tuple[str, ...] = ()
+    task_prompt: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> TextFormat:
+        """From a stage's settings (``instructions``, ``task_prompt``; absent = plain)."""
+        return cls(tuple(settings.get("instructions") or ()), settings.get("task_prompt"))
+
+    def check(self, text_kind: str) -> None:
+        """ValueError if this format cannot lay out ``text_kind``."""
+        if self.instructions and any(not str(i).strip() for i in self.instructions):
+            raise ValueError("instructions: an instruction is empty")
+        prompt = self.task_prompt
+        if text_kind == "conversations" and (self.instructions or prompt is not None):
+            raise ValueError(
+                "instructions / task_prompt: a conversation brings its own questions; set "
+                "them for text recaption, captions or qa only"
+            )
+        if text_kind == "qa" and prompt is not None and QUESTION_FIELD not in prompt:
+            raise ValueError(
+                f"task_prompt {prompt!r}: a qa stage's task prompt is a template of the "
+                f"question and needs {QUESTION_FIELD}"
+            )
+        if text_kind in ("recaption", "captions") and prompt is not None and (
+            QUESTION_FIELD in prompt
+        ):
+            raise ValueError(f"task_prompt {prompt!r}: a caption stage has no {QUESTION_FIELD}")
+
+    def _block(self, tok: PreTrainedTokenizerBase, task: str | None, first: bool) -> list[int]:
+        """``[<inst> instruction]* [<inst> task] <ans>`` ([] for a plain caption)."""
+        ids = vlm_token_ids(tok)
+        out: list[int] = []
+        for text in self.instructions if first else ():
+            out += [ids["inst"], *encode_text(tok, text)]
+        if task is not None:
+            out += [ids["inst"], *encode_text(tok, task)]
+        return [*out, ids["ans"]] if out else []
+
+    def caption_prefix(self, tok: PreTrainedTokenizerBase) -> list[int]:
+        """Generation prompt of a caption: ``[<bos>, *instructions, <ans>]`` (plain:
+        ``[<bos>]``)."""
+        return [vlm_token_ids(tok)["bos"], *self._block(tok, self.task_prompt, first=True)]
+
+    def question(
+        self, tok: PreTrainedTokenizerBase, question: str, first: bool = True
+    ) -> list[int]:
+        """A question's block ``[<inst> instruction]* <inst> task_prompt(question) <ans>``
+        (instructions before the ``first`` question only)."""
+        q = _strip_image(question)
+        task = q if self.task_prompt is None else self.task_prompt.replace(QUESTION_FIELD, q)
+        return self._block(tok, task, first)
+
+    def caption(self, tok: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[int]]:
+        """``(input_ids, labels)`` of ``prefix text <eos>``; the prefix (``<bos>`` and the
+        instructions: the prompt at generation time) is not a target."""
+        prefix = self.caption_prefix(tok)
+        body = [*encode_text(tok, text), vlm_token_ids(tok)["eos"]]
+        return [*prefix, *body], [IGNORE_INDEX] * len(prefix) + body
+
+    def vqa_prompt(self, tok: PreTrainedTokenizerBase, question: str) -> list[int]:
+        """Generation prompt of a VQA answer: ``[<bos>, *question block]``."""
+        return [vlm_token_ids(tok)["bos"], *self.question(tok, question)]
 
 
-def vqa_prompt(tok: PreTrainedTokenizerBase, question: str) -> list[int]:
-    """Generation prompt of a VQA answer: ``[<bos>, <inst>, *question, <ans>]``."""
-    ids = vlm_token_ids(tok)
-    return [ids["bos"], ids["inst"], *encode_text(tok, _strip_image(question)), ids["ans"]]
+PLAIN = TextFormat()
 
 
-def caption_target(tok: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[int]]:
-    """``(input_ids, labels)`` of ``<bos> text <eos>``; ``<bos>`` is not a target (it is the
-    prompt at generation time)."""
-    ids = vlm_token_ids(tok)
-    body = encode_text(tok, text)
-    input_ids = [ids["bos"], *body, ids["eos"]]
-    labels = [IGNORE_INDEX, *body, ids["eos"]]
-    return input_ids, labels
+def caption_prompt(tok: PreTrainedTokenizerBase, fmt: TextFormat = PLAIN) -> list[int]:
+    """Generation prompt of a caption: ``[<bos>]`` (plain format)."""
+    return fmt.caption_prefix(tok)
+
+
+def vqa_prompt(tok: PreTrainedTokenizerBase, question: str, fmt: TextFormat = PLAIN) -> list[int]:
+    """Generation prompt of a VQA answer: ``[<bos>, <inst>, *question, <ans>]`` (plain)."""
+    return fmt.vqa_prompt(tok, question)
+
+
+def caption_target(
+    tok: PreTrainedTokenizerBase, text: str, fmt: TextFormat = PLAIN
+) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of ``<bos> text <eos>`` (plain format); ``<bos>`` is not a
+    target (it is the prompt at generation time)."""
+    return fmt.caption(tok, text)
 
 
 def _strip_image(text: str) -> str:
@@ -84,14 +167,14 @@ def qa_turns(qa: Sequence[Mapping]) -> list[dict[str, str]]:
 
 
 def conversation_ids(
-    tok: PreTrainedTokenizerBase, turns: Sequence[Mapping[str, str]]
+    tok: PreTrainedTokenizerBase, turns: Sequence[Mapping[str, str]], fmt: TextFormat = PLAIN
 ) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` of a multi-turn conversation in LLaVA format.
 
     ``turns`` alternate ``{"from": "human"|"user", "value": question}`` and
     ``{"from": "gpt"|"assistant", "value": answer}``, starting with a human turn and ending with
     an answer. ``<image>`` markers are removed. Labels are -100 except on answer tokens and the
-    ``<eos>`` closing each answer.
+    ``<eos>`` closing each answer. ``fmt`` lays out each question (:meth:`TextFormat.question`).
     """
     if len(turns) == 0:
         raise ValueError("conversation has no turns")
@@ -105,7 +188,7 @@ def conversation_ids(
         if role in HUMAN_ROLES:
             if not expect_human:
                 raise ValueError(f"conversation turn {i}: two human turns in a row")
-            q = [ids["inst"], *encode_text(tok, _strip_image(value)), ids["ans"]]
+            q = fmt.question(tok, value, first=i == 0)
             input_ids += q
             labels += [IGNORE_INDEX] * len(q)
         elif role in ASSISTANT_ROLES:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from vlalign.data.text_formats import PLAIN, TextFormat
 from vlalign.data.tokenizer import vlm_token_ids
 from vlalign.data.world import (
     ATTRIBUTES,
@@ -386,8 +387,10 @@ def grounding_gap(
     batch_size: int = 16,
     mask_mode: str | None = None,
     inputs: InputsFn | None = None,
+    text_format: TextFormat = PLAIN,
 ) -> dict[str, float]:
-    """Token-weighted mean next-token loss (nats) of the split's ``text_kind`` examples — built
+    """Token-weighted mean next-token loss (nats) of the split's ``text_kind`` examples (laid
+    out in the run's ``text_format``) — built
     by the training's ``StageExamples`` + ``collate`` — with each row's own image and with the
     image of :func:`derangement`; ``grounding_gap`` = shuffled − own. The model is used as given
     (its PEFT methods attached); ``inputs(B)``: the methods' inference inputs (e.g. a prefix).
@@ -395,7 +398,7 @@ def grounding_gap(
     if len(ds) < 2:
         raise GroundingInputError(f"fewer than 2 images to shuffle ({len(ds)})")
     examples = StageExamples(ds, tok, text_kind, max_length, processor=processor,
-                             split_name="eval")
+                             split_name="eval", text_format=text_format)
     n = len(examples)
     for i in range(n):  # the split must have the run's text for every row
         try:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from vlalign.data.text_formats import PLAIN, TextFormat
 from vlalign.eval.caption_metrics import CaptionScorer
 from vlalign.eval.references import References
 from vlalign.eval.runner import EvalSettings, PathLike, evaluate_run, rank_curve_of_model
@@ -118,6 +119,7 @@ class EvalJob:
     settings: EvalSettings
     text_kind: str | None = None  # the last stage's text: grounding_gap is measured on it
     text_max_length: int = 256
+    text_format: TextFormat = PLAIN  # the last stage's instructions: prompts carry them
     # each dataset's tokenized references (the references rule), or none: tokenized per call
     references: tuple[Path, ...] = ()
 
@@ -153,6 +155,7 @@ class EvalJob:
             settings=EvalSettings.from_params(params["eval"]),
             text_kind=last["text"],
             text_max_length=last["max_length"],
+            text_format=TextFormat.from_settings(last),
             references=tuple(Path(r) for r in references),
         )
 
@@ -187,6 +190,7 @@ def evaluate_dataset(
         model=stage.model,
         text_kind=job.text_kind,
         text_max_length=job.text_max_length,
+        text_format=job.text_format,
         scorer=scorer,
         references=references,
     )

@@ -31,7 +31,14 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from vlalign.data.text_formats import caption_prompt, decode_text, encode_text, vqa_prompt
+from vlalign.data.text_formats import (
+    PLAIN,
+    TextFormat,
+    caption_prompt,
+    decode_text,
+    encode_text,
+    vqa_prompt,
+)
 from vlalign.data.tokenizer import load_tokenizer, vlm_token_ids
 from vlalign.eval.caption_metrics import CaptionScorer
 from vlalign.eval.effective_rank import rank_curve_record
@@ -460,6 +467,7 @@ def evaluate_run(
     text_max_length: int = 256,
     scorer: CaptionScorer | None = None,
     references: References | None = None,
+    text_format: TextFormat = PLAIN,
 ) -> dict[str, Any]:
     """Evaluate the model saved in ``model_dir`` on ``settings.split`` of the dataset in
     ``data_dir``; ``run``, ``stage``, ``dataset`` label the records.
@@ -480,8 +488,10 @@ def evaluate_run(
             still checked.
         text_kind: the run's training text (recaption | captions | conversations | qa) and
             ``text_max_length`` its truncation: ``grounding_gap`` is measured on that text
-            (missing when None). Caption predictions also get the attribute / CHAIR metrics
-            of :mod:`vlalign.eval.grounding` where the rows' ``meta`` carries ``objects``.
+            (missing when None); ``text_format`` its instructions, which the caption and VQA
+            prompts carry too (a model is asked as it was trained). Caption predictions also
+            get the attribute / CHAIR metrics of :mod:`vlalign.eval.grounding` where the rows'
+            ``meta`` carries ``objects``.
         scorer: the job's :class:`CaptionScorer` (one METEOR JVM for all its calls); default:
             one for this call.
         references: the split's tokenized references (the ``references`` rule's file, loaded
@@ -527,7 +537,8 @@ def evaluate_run(
 
     if cap_ids:
         preds = _generate_rows(
-            model, processor, ds, list(range(len(ds))), [caption_prompt(tok)] * len(ds), tok,
+            model, processor, ds, list(range(len(ds))),
+            [caption_prompt(tok, text_format)] * len(ds), tok,
             desc=f"captions {dataset}/{split}", batch_size=batch_size, gen_kw=gen_kw,
         )
         lines += [
@@ -556,7 +567,7 @@ def evaluate_run(
     if vqa_items:
         answers = _generate_rows(
             model, processor, ds, [q["index"] for q in vqa_items],
-            [vqa_prompt(tok, q["question"]) for q in vqa_items], tok,
+            [vqa_prompt(tok, q["question"], text_format) for q in vqa_items], tok,
             desc=f"vqa {dataset}/{split}", batch_size=batch_size, gen_kw=gen_kw,
         )
         lines += [
@@ -568,7 +579,7 @@ def evaluate_run(
     gap, gap_missing = gap_scores(
         model, processor, tok, ds, text_kind, where=f"{dataset}/{split}",
         max_length=text_max_length, batch_size=batch_size, mask_mode=cfg.mask_mode,
-        inputs=inputs,
+        inputs=inputs, text_format=text_format,
     )
     scores.update(gap)
     missing += gap_missing

@@ -231,10 +231,14 @@ class PeftMethod:
         head on the hidden states). Composed by :func:`merge_inputs`."""
         return {}
 
-    def extra_loss(self, outputs: Any, batch: Mapping[str, Any]) -> torch.Tensor | None:
+    def extra_loss(
+        self, outputs: Any, batch: Mapping[str, Any]
+    ) -> torch.Tensor | Mapping[str, torch.Tensor] | None:
         """An auxiliary loss of one training forward (``outputs``: the model's output for
-        ``batch``), added to the LM loss by the training loop; None: no extra loss. The method
-        weights it itself (e.g. from its config)."""
+        ``batch``), added to the LM loss by the training loop; None: no extra loss. A mapping
+        names several terms (their sum is added; each is logged per step as
+        ``<method>.<term>``, a single tensor as ``<method>.loss``). The method weights each
+        itself (e.g. from its config)."""
         return None
 
     def extra_metrics(self) -> dict[str, float]:

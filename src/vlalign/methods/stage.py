@@ -85,6 +85,7 @@ class PeftSession:
     def __init__(self, methods: list[PeftMethod], lrs: dict[str, float]):
         self.methods = methods
         self.lrs = lrs
+        self.last_terms: dict[str, float] = {}  # the last total_loss's auxiliary terms
 
     def trained(self) -> list[PeftMethod]:
         """The methods this stage trains (lr > 0)."""
@@ -102,19 +103,36 @@ class PeftSession:
         """Extra inputs of one training / held-out forward."""
         return forward_kwargs(self.methods, batch_size)
 
+    def loss_terms(self, outputs: Any, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The auxiliary loss terms of the methods this stage trains (a frozen method's loss
+        would only push the others), as ``<method>.<term>``: a method's ``extra_loss`` is one
+        tensor (term ``loss``) or a mapping of named terms, each weighted as it is added."""
+        terms: dict[str, torch.Tensor] = {}
+        for m in self.trained():
+            extra = m.extra_loss(outputs, batch)
+            if extra is None:
+                continue
+            parts = extra.items() if isinstance(extra, Mapping) else [("loss", extra)]
+            for key, value in parts:
+                if value is not None:
+                    terms[f"{m.name}.{key}"] = value.reshape(())
+        return terms
+
     def extra_loss(self, outputs: Any, batch: Mapping[str, Any]) -> torch.Tensor | None:
-        """Sum of the auxiliary losses of the methods this stage trains (a frozen method's
-        loss would only push the others); None when none has one. The training loop adds it to
-        the LM loss of the same micro-batch."""
-        losses = [m.extra_loss(outputs, batch) for m in self.trained()]
-        losses = [x for x in losses if x is not None]
-        return torch.stack([x.reshape(()) for x in losses]).sum() if losses else None
+        """Sum of :meth:`loss_terms`; None when no trained method has one. The training loop
+        adds it to the LM loss of the same micro-batch."""
+        terms = self.loss_terms(outputs, batch)
+        return torch.stack(list(terms.values())).sum() if terms else None
 
     def total_loss(self, outputs: Any, batch: Mapping[str, Any]) -> torch.Tensor:
         """The loss one training forward backpropagates: the LM loss (``outputs.loss``) plus
-        :meth:`extra_loss`."""
-        extra = self.extra_loss(outputs, batch)
-        return outputs.loss if extra is None else outputs.loss + extra
+        the auxiliary terms, whose values this forward gave are kept in :attr:`last_terms`
+        (the training log's per-step columns)."""
+        terms = self.loss_terms(outputs, batch)
+        self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
+        if not terms:
+            return outputs.loss
+        return outputs.loss + torch.stack(list(terms.values())).sum()
 
     def extra_metrics(self) -> dict[str, float]:
         """Every method's diagnostics, as ``<method>.<key>``."""

@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 # 2: rank curves per (run, dataset, positions); 3: the run record's columns (base_run, grid,
 # method_order, prefix_length, chain) in runs; 4: resamples (image resamples of corpus metrics)
-# and lm_text_loss
-SCHEMA_VERSION = 4
+# and lm_text_loss; 5: train_log_terms (the PEFT methods' auxiliary loss terms per step)
+SCHEMA_VERSION = 5
 # Version of the metrics.json file format this reader understands (docs/outputs.md).
 METRICS_FILE_VERSION = 1
 TRAIN_LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s")
@@ -61,6 +61,12 @@ _DDL = {
         run VARCHAR NOT NULL, stage VARCHAR NOT NULL, stage_index INTEGER NOT NULL,
         stage_hash VARCHAR, step BIGINT NOT NULL, global_step BIGINT NOT NULL, loss DOUBLE,
         lr DOUBLE, grad_norm DOUBLE, tokens_per_s DOUBLE, samples_per_s DOUBLE)""",
+    # a train_log.csv's columns after TRAIN_LOG_COLUMNS: each auxiliary loss term a PEFT method
+    # added at each step (``<method>.<term>``, weighted as added to the LM loss)
+    "train_log_terms": """CREATE TABLE train_log_terms (
+        run VARCHAR NOT NULL, stage VARCHAR NOT NULL, stage_index INTEGER NOT NULL,
+        stage_hash VARCHAR, step BIGINT NOT NULL, global_step BIGINT NOT NULL,
+        term VARCHAR NOT NULL, value DOUBLE)""",
     "rank_curve": """CREATE TABLE rank_curve (
         run VARCHAR NOT NULL, dataset VARCHAR, positions VARCHAR NOT NULL, reference VARCHAR,
         k INTEGER NOT NULL, cumulative DOUBLE NOT NULL)""",
@@ -307,8 +313,7 @@ def _read_train_log(path: Path) -> pd.DataFrame:
     missing = [c for c in TRAIN_LOG_COLUMNS if c not in df.columns]
     if missing:
         raise ResultsInputError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
-    df = df[list(TRAIN_LOG_COLUMNS)]
-    for col in TRAIN_LOG_COLUMNS:
+    for col in df.columns:
         num = pd.to_numeric(df[col], errors="coerce")
         bad = num.isna() & df[col].notna() & (df[col].astype(str).str.lower() != "nan")
         if bad.any():
@@ -344,7 +349,7 @@ def _collect(results_dir: Path) -> dict[str, pd.DataFrame]:
     if not results_dir.is_dir():
         raise FileNotFoundError(f"results directory not found: {results_dir}")
     rows: dict[str, list] = {t: [] for t in TABLES}
-    train_frames, curve_frames = [], []
+    train_frames, term_frames, curve_frames = [], [], []
     run_dirs = sorted(p for p in runs_root.iterdir() if p.is_dir()) if runs_root.is_dir() else []
     for run_dir in run_dirs:
         run = run_dir.name
@@ -370,7 +375,14 @@ def _collect(results_dir: Path) -> dict[str, pd.DataFrame]:
                 # global_step makes a run's whole chain plottable on one axis.
                 df["global_step"] = df["step"] - (df["step"].min() if len(df) else 0) + offset
                 offset = int(df["global_step"].max()) + 1 if len(df) else offset
-                train_frames.append(df)
+                keys = ["run", "stage", "stage_index", "stage_hash", "step", "global_step"]
+                extra = [c for c in df.columns if c not in (*keys, *TRAIN_LOG_COLUMNS)]
+                if extra:
+                    term_frames.append(
+                        df.melt(id_vars=keys, value_vars=extra, var_name="term")
+                        .dropna(subset=["value"])
+                    )
+                train_frames.append(df[list(dict.fromkeys([*keys, *TRAIN_LOG_COLUMNS]))])
         if metrics_json.exists():
             recs, missing, resamples = _read_metrics_json(metrics_json, run)
             rows["metrics"] += recs
@@ -393,6 +405,9 @@ def _collect(results_dir: Path) -> dict[str, pd.DataFrame]:
             rows["rank_summary"] += summaries
     frames = {t: pd.DataFrame(r) for t, r in rows.items()}
     frames["train_log"] = pd.concat(train_frames, ignore_index=True) if train_frames else None
+    frames["train_log_terms"] = (
+        pd.concat(term_frames, ignore_index=True) if term_frames else None
+    )
     frames["rank_curve"] = pd.concat(curve_frames, ignore_index=True) if curve_frames else None
     return frames
 

@@ -38,6 +38,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "checkpoint_every": 100,
     "gradient_checkpointing": False,
     "data_fraction": 1.0,
+    "max_train_samples": None,  # None: every row (or data_fraction's share)
+    "instructions": [],  # vlalign.data.text_formats.TextFormat: none, the plain format
+    "task_prompt": None,
     "mask": "prefix",
     "noise": 0.0,
     "peft": None,
@@ -144,6 +147,9 @@ class StageSettings(Mapping[str, Any]):
     checkpoint_every: int
     gradient_checkpointing: bool
     data_fraction: float
+    max_train_samples: int | None
+    instructions: list[str]
+    task_prompt: str | None
     peft: tuple[MethodSettings, ...]
     _plain: dict[str, Any] = field(init=False, repr=False, compare=False)
 
@@ -188,6 +194,17 @@ class StageSettings(Mapping[str, Any]):
             tuple(opt["betas"]), opt["weight_decay"], opt["eps"]
         )
         values["peft"] = resolve_methods(data["peft"], where)
+        from vlalign.data.text_formats import TextFormat  # lazy: imports transformers
+
+        try:
+            TextFormat.from_settings(data).check(data["text"])
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e} (text: {data['text']})") from None
+        if data["max_train_samples"] is not None and data["data_fraction"] < 1:
+            raise ConfigError(
+                f"{where}: set max_train_samples ({data['max_train_samples']}) or "
+                f"data_fraction ({data['data_fraction']}), not both"
+            )
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from vlalign.data.text_formats import caption_target, conversation_ids, qa_turns
+from vlalign.data.text_formats import PLAIN, TextFormat, conversation_ids, qa_turns
 from vlalign.train.features import FeatureCache
 
 TEXT_KINDS = ("recaption", "captions", "conversations", "qa")
@@ -26,6 +26,8 @@ class StageExamples(Dataset):
     ``captions`` picks one human caption per image and epoch (``set_epoch``), so an epoch sees
     each image once whatever the text kind: recaption and human-caption runs see the same images.
     Images come from a frozen-feature cache when given, else through the image processor.
+    ``text_format``: the instructions before each target (the stage's ``instructions`` /
+    ``task_prompt``).
     """
 
     def __init__(
@@ -38,9 +40,12 @@ class StageExamples(Dataset):
         features: FeatureCache | None = None,
         split_name: str = "train",
         name: str = "dataset",
+        text_format: TextFormat = PLAIN,
     ):
         if text not in TEXT_KINDS:
             raise ValueError(f"unknown text kind {text!r} (one of {TEXT_KINDS})")
+        text_format.check(text)
+        self.format = text_format
         if len(split) == 0:
             raise ValueError(f"{name}: split {split_name!r} is empty")
         if features is None and processor is None:
@@ -81,12 +86,12 @@ class StageExamples(Dataset):
         if self.text == "recaption":
             if not row["recaption"]:
                 raise ValueError(f"{self.name}: image {row['image_id']} has no recaption")
-            ids, labels = caption_target(self.tok, row["recaption"])
+            ids, labels = self.format.caption(self.tok, row["recaption"])
         elif self.text == "captions":
             caps = row["captions"]
             if not caps:
                 raise ValueError(f"{self.name}: image {row['image_id']} has no captions")
-            ids, labels = caption_target(self.tok, caps[(i + self.epoch) % len(caps)])
+            ids, labels = self.format.caption(self.tok, caps[(i + self.epoch) % len(caps)])
         elif self.text == "conversations":
             turns = row["conversations"]
             if not turns:
@@ -95,7 +100,7 @@ class StageExamples(Dataset):
         else:
             if not row["qa"]:
                 raise ValueError(f"{self.name}: image {row['image_id']} has no qa pairs")
-            ids, labels = conversation_ids(self.tok, qa_turns(row["qa"]))
+            ids, labels = conversation_ids(self.tok, qa_turns(row["qa"]), self.format)
         return ids[: self.max_length], labels[: self.max_length]
 
     def __getitem__(self, i: int) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from datasets import load_from_disk
 from tqdm.auto import tqdm
 
 from vlalign.config import schema_defaults
+from vlalign.data.text_formats import TextFormat
 from vlalign.data.tokenizer import load_tokenizer, vlm_token_ids
 from vlalign.io_utils import atomic_path, stable_hash, write_json_atomic
 from vlalign.models.backbones import init_added_token_rows, load_image_processor, pretrained_here
@@ -106,6 +107,7 @@ def stage_examples(
         features=features,
         split_name=split,
         name=settings["dataset"],
+        text_format=TextFormat.from_settings(settings),
     )
 
 
@@ -114,12 +116,23 @@ def epoch_order(seed: int, epoch: int, subset: list[int]) -> list[int]:
     return [subset[i] for i in torch.randperm(len(subset), generator=g).tolist()]
 
 
-def data_subset(n_rows: int, fraction: float, seed: int) -> list[int]:
-    """A fixed random subset for data-fraction ablations (the same for every epoch)."""
-    if fraction >= 1.0:
+def data_subset(
+    n_rows: int, fraction: float, seed: int, count: int | None = None, name: str = "stage"
+) -> list[int]:
+    """A fixed random subset (the same for every epoch): ``count`` rows exactly (few-shot,
+    ``max_train_samples``) or a ``fraction`` of them (data-fraction ablations), drawn from
+    ``seed``; every row otherwise."""
+    if count is not None:
+        if count > n_rows:
+            raise ValueError(
+                f"{name}: max_train_samples {count} exceeds the {n_rows} rows of its train split"
+            )
+        keep = count
+    elif fraction >= 1.0:
         return list(range(n_rows))
+    else:
+        keep = max(1, round(fraction * n_rows))
     g = torch.Generator().manual_seed(seed + 17)
-    keep = max(1, round(fraction * n_rows))
     return sorted(torch.randperm(n_rows, generator=g)[:keep].tolist())
 
 
@@ -237,9 +250,16 @@ def load_checkpoint(
     return state["step"], state["log"]
 
 
+def log_columns(rows: list[dict]) -> list[str]:
+    """:data:`LOG_COLUMNS`, then the PEFT methods' auxiliary loss terms (``<method>.<term>``)
+    in the order they first appear."""
+    extra = dict.fromkeys(k for r in rows for k in r if k not in LOG_COLUMNS)
+    return [*LOG_COLUMNS, *extra]
+
+
 def _csv(rows: list[dict]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS)
+    writer = csv.DictWriter(buf, fieldnames=log_columns(rows))
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
@@ -394,7 +414,9 @@ def build_session(
 
     processor = load_image_processor(paths.vision) if paths.features is None else None
     train = stage_examples(paths, "train", settings, tokenizer, processor)
-    subset = data_subset(len(train), settings.data_fraction, seed)
+    subset = data_subset(
+        len(train), settings.data_fraction, seed, settings.max_train_samples, f"stage {name}"
+    )
     steps = plan_steps(len(subset), settings, accelerator.num_processes, name)
 
     groups = param_groups(
@@ -482,6 +504,7 @@ def train_step(session: StageSession, step: int) -> dict[str, float]:
             "labels are -100): the text format or truncation (max_length) drops every target"
         )
     loss_sum, n_tokens = 0.0, 0
+    terms: dict[str, float] = {}  # the methods' auxiliary terms, token-weighted as the loss
     for k, batch in enumerate(micro_batches):
         batch = _to(batch, acc.device)
         n = int((batch["labels"] != -100).sum())
@@ -497,6 +520,8 @@ def train_step(session: StageSession, step: int) -> dict[str, float]:
             micro_loss = session.peft.total_loss(out, batch) if session.peft else out.loss
             loss = micro_loss * (n / n_sup)  # token-weighted mean over the global batch
             acc.backward(loss)
+        for key, value in getattr(session.peft, "last_terms", {}).items():
+            terms[key] = terms.get(key, 0.0) + value * n / n_sup
         loss_sum += out.loss.detach().item() * n  # the log's loss is the LM's
         session.n_image_tokens = out.num_image_tokens
         n_tokens += int(batch["attention_mask"].sum()) + out.num_image_tokens * len(
@@ -516,6 +541,7 @@ def train_step(session: StageSession, step: int) -> dict[str, float]:
         "grad_norm": grad_norm,
         "tokens_per_s": n_tokens * world / dt,
         "samples_per_s": len(batch_idx) / dt,
+        **terms,
     }
 
 
