@@ -374,6 +374,21 @@ def test_full_finetuning_freezes_embeddings_and_composes():
     assert "lm.model.embed_tokens.weight" in f2.state_dict()
 
 
+def test_full_on_chosen_layers_is_head_tuning():
+    # PETAL's head-tuning baseline: only the last decoder layer's weights are trained
+    lm = make_lm()
+    (head,) = apply_methods(lm, [("full", {"layers": [-1]})])
+    last = {id(p) for p in lm.model.layers[-1].parameters()}
+    trained = [p for p in lm.parameters() if p.requires_grad]
+    assert trained and {id(p) for p in trained} == last
+    assert not lm.model.norm.weight.requires_grad
+    assert not lm.model.layers[0].mlp.up_proj.weight.requires_grad
+    n_last = sum(p.numel() for p in lm.model.layers[-1].parameters())
+    assert head.count_trainable(lm)[0] == n_last
+    with pytest.raises(ValueError, match=r"layers \[5\] must be indices of the LM's 2 decoder"):
+        apply_methods(make_lm(), [("full", {"layers": [5]})])
+
+
 def test_tied_embeddings_flags_must_agree():
     cfg = copy.deepcopy(LM_CFG)
     cfg.tie_word_embeddings = True

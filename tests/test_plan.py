@@ -378,3 +378,14 @@ def test_job_settings_round_trip_and_are_checked_again():
         )
     with pytest.raises(ConfigError, match=r"unknown setting\(s\) \['seed'\]"):
         StageSettings.from_dict({**plain, "seed": 3})
+
+
+def test_a_null_method_block_removes_the_method():
+    # an ablation's chain override drops one method of a stage that has several
+    stage = {"dataset": "world", "text": "captions", "lr": {},
+             "peft": {"lora": {"lr": 1e-3}, "prefix": {"lr": 1e-3}}}
+    settings, _ = settings_module.resolve({}, stage, {"peft": {"prefix": None}})
+    assert [m.name for m in settings.peft] == ["lora"]
+    assert settings.to_dict()["peft"] == {"lora": settings.method("lora").to_dict()}
+    with pytest.raises(ConfigError, match=r"s\.peft\.lora\.lr: must be a number >= 0"):
+        settings_module.resolve({}, stage, {"peft": {"lora": {"lr": None}}}, where="s")

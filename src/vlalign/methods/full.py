@@ -15,12 +15,21 @@ from typing import Any
 
 from torch import nn
 
-from vlalign.methods.registry import PeftMethod, embedding_parameters, owner, register
+from vlalign.methods.registry import (
+    PeftMethod,
+    decoder_layers,
+    embedding_parameters,
+    owner,
+    register,
+)
 
 
 @register("full")
 class FullFineTuning(PeftMethod):
-    defaults: dict[str, Any] = {}
+    # layers: None trains every LM weight; a list of decoder-layer indices (negative from the
+    # end) trains only those layers' weights: [-1] is PETAL's "head tuning" baseline (seed 001
+    # §4: only the last layer tuned)
+    defaults: dict[str, Any] = {"layers": None}
     adds_parameters = False  # trains the LM's own weights: no budget, no share of its own
 
     def _attach(self, lm: nn.Module, cfg: dict[str, Any]) -> nn.Module:
@@ -28,10 +37,21 @@ class FullFineTuning(PeftMethod):
         # stay theirs, so nothing is saved or optimised twice
         emb, head = embedding_parameters(lm)
         excluded = {id(p) for p in emb + head}  # handled by the common train_* flags
+        allowed = None
+        if cfg["layers"] is not None:
+            layers = decoder_layers(lm)
+            try:
+                chosen = [layers[int(i)] for i in cfg["layers"]]
+            except (IndexError, TypeError, ValueError):
+                raise ValueError(
+                    f"PEFT method 'full': layers {cfg['layers']!r} must be indices of the LM's "
+                    f"{len(layers)} decoder layers (negative from the end)"
+                ) from None
+            allowed = {id(p) for layer in chosen for p in layer.parameters()}
         self._params = {
             f"lm.{n}": p
             for n, p in lm.named_parameters()
-            if id(p) not in excluded and owner(p) is None
+            if id(p) not in excluded and owner(p) is None and (allowed is None or id(p) in allowed)
         }
         return lm
 

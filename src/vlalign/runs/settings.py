@@ -8,7 +8,8 @@ settings are checked once, when the plan is built (Snakemake's DAG build, ``vlal
   checked like a ``stages:`` entry;
 - every key is known and every key has a value (no consumer falls back to a default of its own);
 - each ``peft:`` method block by the method registry's own validation
-  (``get_method(name).resolve_config``), with its defaults filled in, plus a required ``lr``.
+  (``get_method(name).resolve_config``), with its defaults filled in, plus a required ``lr``; a
+  null block removes the method (an ablation's chain override ``{peft: {name: null}}``).
 
 A training job receives :meth:`StageSettings.to_dict` as JSON and rebuilds the object with
 :meth:`StageSettings.from_dict`, which runs the same checks.
@@ -103,7 +104,9 @@ def resolve_methods(peft: Mapping[str, Any] | None, where: str) -> tuple[MethodS
     out = []
     for name, block in peft.items():
         key = f"{where}.peft.{name}"
-        block = dict(block or {})
+        if block is None:  # removed, e.g. by an ablation's override {peft: {name: null}}
+            continue
+        block = dict(block)
         if "lr" not in block:
             raise ConfigError(
                 f"{key}: needs an 'lr' (this method's learning rate; 0 keeps it attached "
