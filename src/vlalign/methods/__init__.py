@@ -1,4 +1,6 @@
-"""PEFT methods for PT-PEFT (seed 003): prefix-tuning, LoRA, S-/P-Adapter, full fine-tuning.
+"""PEFT methods for PT-PEFT (seed 003): prefix-tuning, LoRA, S-/P-Adapter, full fine-tuning;
+and PETAL's (seed 001) adaptive instruction MoE (``instruction_moe``) and score-based
+information bottleneck (``info_bottleneck``).
 
 Usage::
 
@@ -17,8 +19,17 @@ A new method is one module with a ``@register("name")`` subclass of :class:`Peft
 (see its hooks), imported below.
 """
 
-from vlalign.methods import adapters, full, lora, prefix  # noqa: F401  (registers the methods)
+from vlalign.methods import (  # noqa: F401  (registers the methods)
+    adapters,
+    full,
+    info_bottleneck,
+    instruction_moe,
+    lora,
+    prefix,
+)
 from vlalign.methods.adapters import Bottleneck, bottleneck_for_budget
+from vlalign.methods.info_bottleneck import InfoBottleneck, gaussian_kl, score_pool
+from vlalign.methods.instruction_moe import InstructionMoE, instruction_mask
 from vlalign.methods.prefix import (
     PREFIX_VARIANTS,
     FrozenPrefix,
@@ -46,6 +57,8 @@ __all__ = [
     "PREFIX_VARIANTS",
     "Bottleneck",
     "FrozenPrefix",
+    "InfoBottleneck",
+    "InstructionMoE",
     "PeftMethod",
     "PrefixEncoder",
     "PrefixModule",
@@ -53,7 +66,9 @@ __all__ = [
     "bottleneck_for_budget",
     "count_trainable",
     "forward_kwargs",
+    "gaussian_kl",
     "get_method",
+    "instruction_mask",
     "kv_geometry",
     "load_methods",
     "merge_inputs",
@@ -61,4 +76,5 @@ __all__ = [
     "prefix_variant",
     "register",
     "save_methods",
+    "score_pool",
 ]

@@ -126,5 +126,5 @@ class LoraMethod(PeftMethod):
         detached afterwards (it owns no parameters any more)."""
         lm = self._require_applied()
         self._unwrap(merge=True)
-        self.lm, self.module = None, None
+        self.model, self.lm, self.module = None, None, None
         return lm

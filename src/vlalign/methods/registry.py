@@ -213,6 +213,9 @@ class PeftMethod:
 
     def __init__(self) -> None:
         self.cfg: dict[str, Any] = {}
+        # what apply() was given (a VisionLanguageModel or a bare HF LM), for methods that hook
+        # more than the LM (e.g. the VLM's projector); the LM itself is ``lm``
+        self.model: nn.Module | None = None
         self.lm: nn.Module | None = None
         self.module: nn.Module | None = None
 
@@ -319,10 +322,12 @@ class PeftMethod:
         cfg: Mapping[str, Any] | None = None,
         freeze_base: bool = True,
     ) -> nn.Module:
-        """Attach to ``model`` (a ``VisionLanguageModel`` — only its ``.lm`` is touched — or a
-        HF decoder LM) and make this method's parameters trainable. With ``freeze_base`` every
-        parameter not owned by an applied method is frozen first. Returns the module holding the
-        new parameters (e.g. the prefix encoder; the LM itself for ``full``)."""
+        """Attach to ``model`` (a ``VisionLanguageModel`` or a HF decoder LM) and make this
+        method's parameters trainable. ``_attach`` gets the LM; ``model`` itself is
+        ``self.model`` (set before ``_attach``), for a method that hooks the VLM around the LM
+        (its projector: ``info_bottleneck``). With ``freeze_base`` every parameter not owned by
+        an applied method is frozen first. Returns the module holding the new parameters (e.g.
+        the prefix encoder; the LM itself for ``full``)."""
         if self.applied:
             raise RuntimeError(f"PEFT method {self.name!r} is already applied; make a new one")
         self.cfg = self.resolve_config(cfg)
@@ -333,8 +338,12 @@ class PeftMethod:
             self.cfg[self.budget_key] = self.size_for_budget(lm, n, self.cfg)
         if freeze_base:
             freeze_untagged(model)
-        self.lm = lm
-        self.module = self._attach(lm, self.cfg)
+        self.model, self.lm = model, lm
+        try:
+            self.module = self._attach(lm, self.cfg)
+        except BaseException:
+            self.model = self.lm = None
+            raise
         tag_parameters(self.trainable_parameters(), self.name)
         self.set_trainable(True)
         return self.module
@@ -394,7 +403,7 @@ class PeftMethod:
         for p in params:
             if owner(p) == self.name:
                 delattr(p, _OWNER_ATTR)
-        self.lm = None
+        self.model = self.lm = None
 
     # -- persistence --------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

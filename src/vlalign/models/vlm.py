@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,10 @@ class VisionLanguageModel(nn.Module):
             matrix is padded).
         attn_implementation: if given, set on both backbones (``"sdpa"`` / ``"eager"``). The
             models' configs are modified in place: do not share one config object between models.
+        special_token_ids: names → ids of the tokenizer's VLM tokens
+            (:func:`vlalign.data.tokenizer.vlm_token_ids`: ``bos``, ``eos``, ``pad``, ``inst``,
+            ``ans``, ``image``), for PEFT methods that find positions by token (the instruction
+            MoE's ``<inst>`` … ``<ans>`` spans); saved in ``vlm.json``. Default: none ({}).
     """
 
     def __init__(
@@ -86,6 +91,7 @@ class VisionLanguageModel(nn.Module):
         protected_token_ids: tuple[int, ...] | list[int] = (),
         noise_vocab_size: int | None = None,
         attn_implementation: str | None = None,
+        special_token_ids: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.vision = vision
@@ -94,6 +100,9 @@ class VisionLanguageModel(nn.Module):
         self.mask_mode = check_mode(mask_mode)
         self.protected_token_ids = tuple(int(i) for i in protected_token_ids)
         self.noise_vocab_size = int(noise_vocab_size or lm.config.vocab_size)
+        self.special_token_ids: dict[str, int] = {
+            str(k): int(v) for k, v in (special_token_ids or {}).items()
+        }
         if attn_implementation is not None:
             self.set_attn_implementation(attn_implementation)
 
@@ -237,6 +246,7 @@ class VisionLanguageModel(nn.Module):
             "mask_mode": self.mask_mode,
             "protected_token_ids": list(self.protected_token_ids),
             "noise_vocab_size": self.noise_vocab_size,
+            "special_token_ids": dict(self.special_token_ids),
             "vision_class": type(self.vision).__name__,
             "lm_class": type(self.lm).__name__,
             "projector": dict(getattr(self.projector, "projector_config", {})),
@@ -266,13 +276,19 @@ class VisionLanguageModel(nn.Module):
         **overrides: Any,
     ) -> VisionLanguageModel:
         """Load a directory written by :meth:`save_pretrained`. ``overrides`` replace entries of
-        ``vlm.json`` (``mask_mode``, ``protected_token_ids``, ``noise_vocab_size``)."""
+        ``vlm.json`` (``mask_mode``, ``protected_token_ids``, ``noise_vocab_size``,
+        ``special_token_ids``; a file written before ``special_token_ids`` existed gives {})."""
         directory = Path(directory)
         meta_path = directory / VLM_CONFIG_NAME
         if not meta_path.is_file():
             raise FileNotFoundError(f"not a saved VisionLanguageModel (no {meta_path})")
         meta = json.loads(meta_path.read_text())
-        unknown = set(overrides) - {"mask_mode", "protected_token_ids", "noise_vocab_size"}
+        unknown = set(overrides) - {
+            "mask_mode",
+            "protected_token_ids",
+            "noise_vocab_size",
+            "special_token_ids",
+        }
         if unknown:
             raise TypeError(f"unknown from_pretrained overrides: {sorted(unknown)}")
         meta.update(overrides)
@@ -289,6 +305,7 @@ class VisionLanguageModel(nn.Module):
             mask_mode=meta["mask_mode"],
             protected_token_ids=meta.get("protected_token_ids", ()),
             noise_vocab_size=meta.get("noise_vocab_size"),
+            special_token_ids=meta.get("special_token_ids") or {},
         )
 
     @classmethod
@@ -302,6 +319,7 @@ class VisionLanguageModel(nn.Module):
         dtype: torch.dtype | None = None,
         protected_token_ids: tuple[int, ...] | list[int] = (),
         noise_vocab_size: int | None = None,
+        special_token_ids: Mapping[str, int] | None = None,
         **projector_kwargs: Any,
     ) -> VisionLanguageModel:
         """Load the two backbones (``save_pretrained`` dirs or hub ids) and build a fresh
@@ -319,6 +337,7 @@ class VisionLanguageModel(nn.Module):
             mask_mode=mask_mode,
             protected_token_ids=protected_token_ids,
             noise_vocab_size=noise_vocab_size,
+            special_token_ids=special_token_ids,
         )
 
 

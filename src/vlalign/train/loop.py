@@ -75,6 +75,7 @@ def build_model(
         mask_mode=settings.mask,
         protected_token_ids=sorted(set(specials.values())),
         noise_vocab_size=len(tokenizer),
+        special_token_ids=specials,
     )
     if paths.parent is not None:
         return VisionLanguageModel.from_pretrained(paths.parent / "model", **kwargs)
