@@ -1,4 +1,5 @@
-"""PEFT methods for PT-PEFT (seed 003): prefix-tuning, LoRA, S-/P-Adapter, full fine-tuning.
+"""PEFT methods for PT-PEFT (seed 003): prefix-tuning, LoRA, S-/P-Adapter, full fine-tuning;
+PETAL's dynamic mode approximation (seed 001, ``dma``).
 
 Usage::
 
@@ -17,7 +18,7 @@ A new method is one module with a ``@register("name")`` subclass of :class:`Peft
 (see its hooks), imported below.
 """
 
-from vlalign.methods import adapters, full, lora, prefix  # noqa: F401  (registers the methods)
+from vlalign.methods import adapters, dma, full, lora, prefix  # noqa: F401  (registers the methods)
 from vlalign.methods.adapters import Bottleneck, bottleneck_for_budget
 from vlalign.methods.prefix import (
     PREFIX_VARIANTS,
