@@ -1,6 +1,6 @@
 """PEFT methods for PT-PEFT (seed 003): prefix-tuning, LoRA, S-/P-Adapter, full fine-tuning;
-and PETAL's (seed 001) adaptive instruction MoE (``instruction_moe``) and score-based
-information bottleneck (``info_bottleneck``).
+and PETAL's (seed 001) dynamic mode approximation (``dma``), adaptive instruction MoE
+(``instruction_moe``) and score-based information bottleneck (``info_bottleneck``).
 
 Usage::
 
@@ -21,6 +21,7 @@ A new method is one module with a ``@register("name")`` subclass of :class:`Peft
 
 from vlalign.methods import (  # noqa: F401  (registers the methods)
     adapters,
+    dma,
     full,
     info_bottleneck,
     instruction_moe,

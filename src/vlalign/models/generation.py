@@ -36,6 +36,7 @@ from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicCache
 
 from vlalign.models.masks import build_attention_mask, check_mode
+from vlalign.models.modality import image_end, set_image_end
 from vlalign.models.vlm import VisionLanguageModel, position_ids_from_mask
 
 # ``B → inputs of one forward over B rows`` (``PeftSession.inference(variant, seed)``); today
@@ -114,6 +115,7 @@ def generate(
     prompts = _check_prompts(prompt_ids, image_features.shape[0])
 
     was_training = model.training
+    end = image_end(model.lm)  # the cached path records the image span: put it back after
     model.eval()
     try:
         run = _generate_cached if use_cache else _generate_nocache
@@ -131,6 +133,7 @@ def generate(
         )
     finally:
         model.train(was_training)
+        set_image_end(model.lm, end)
     return [_cut(row, eos_token_id) for row in out]
 
 
@@ -155,6 +158,9 @@ def _generate_cached(
     if cache is None:
         cache = DynamicCache(config=lm.config)
     p = cache.get_seq_length()
+    # positions < P + N are the image tokens of the prefill and of every generate step (the
+    # re-fed last image token sits at P + N - 1, prompt and new tokens at >= P + N)
+    set_image_end(lm, p + n_img)
     # 1) prefill the image block under the run's mask (bidirectional → image-as-block = prefix)
     prefill_mode = "prefix" if mode == "bidirectional" else mode
     ones = torch.ones(batch, n_img, dtype=torch.long, device=device)

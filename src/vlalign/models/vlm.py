@@ -23,6 +23,7 @@ from transformers.cache_utils import Cache
 
 from vlalign.io_utils import atomic_path
 from vlalign.models.masks import build_attention_mask, check_mode, prefix_length
+from vlalign.models.modality import image_tokens
 from vlalign.models.noise import corrupt_tokens
 from vlalign.models.projector import (
     DEFAULT_PROJECTOR,
@@ -209,16 +210,18 @@ class VisionLanguageModel(nn.Module):
         mask = build_attention_mask(
             self.lm.config, embeds, full_mask, is_image, mode, past_key_values
         )
-        out = self.lm(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=position_ids_from_mask(full_mask, p),
-            past_key_values=past_key_values,
-            use_cache=past_key_values is not None,
-            output_hidden_states=output_hidden_states,
-            # only the last image position and the text positions need logits (N may be 256+)
-            logits_to_keep=input_ids.shape[1] + 1,
-        )
+        # positions < P + N are the image tokens (vlalign.models.modality)
+        with image_tokens(self.lm, p + n_img):
+            out = self.lm(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                position_ids=position_ids_from_mask(full_mask, p),
+                past_key_values=past_key_values,
+                use_cache=past_key_values is not None,
+                output_hidden_states=output_hidden_states,
+                # only the last image position and the text positions need logits (N may be 256+)
+                logits_to_keep=input_ids.shape[1] + 1,
+            )
         logits_all = out.logits  # (B, T + 1, V)
         label_logits, logits = logits_all[:, :-1], logits_all[:, 1:]
 
