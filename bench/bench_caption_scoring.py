@@ -2,7 +2,7 @@
 
 Synthetic COCO-like sentences (seeded). Measured in one run:
 - each metric separately with pycocoevalcap, as evaluation harnesses do (a PTB tokenization
-  of both sides per metric);
+  of both sides per metric), and rouge-score's ROUGE-1 / ROUGE-L (``score_multi`` per image);
 - ``CaptionScorer`` on its first run of a split (references tokenized and saved once), on a
   later run (references loaded from that file) and with image resamples.
 All must give identical scores. Writes ``bench/out/caption_scoring.json``. Not a test:
@@ -22,6 +22,9 @@ import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
+
+import numpy as np
+from rouge_score.rouge_scorer import RougeScorer
 
 from vlalign.eval.caption_metrics import CaptionScorer
 from vlalign.eval.references import References
@@ -53,7 +56,8 @@ def java_version() -> str:
 
 def separately(preds: dict, refs: dict) -> tuple[dict, dict]:
     """Each metric on its own, as evaluation harnesses call pycocoevalcap: its own PTB
-    tokenization of references and predictions, then the scorer (one JVM per METEOR)."""
+    tokenization of references and predictions, then the scorer (one JVM per METEOR); then
+    rouge-score's ``score_multi`` on each image's raw captions."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
@@ -76,6 +80,13 @@ def separately(preds: dict, refs: dict) -> tuple[dict, dict]:
             scores.update({f"Bleu_{n + 1}": float(b) for n, b in enumerate(score)})
         else:
             scores[name] = float(score)
+    t0 = time.perf_counter()
+    rouge = RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
+    best = [rouge.score_multi(refs[k], preds[k]) for k in preds]
+    for kind, name in (("rouge1", "ROUGE1"), ("rougeL", "ROUGEL")):
+        scores[f"{name}_F"] = float(np.mean([b[kind].fmeasure for b in best]))
+        scores[f"{name}_R"] = float(np.mean([b[kind].recall for b in best]))
+    timings["rouge_score"] = time.perf_counter() - t0
     return scores, timings
 
 
@@ -138,6 +149,7 @@ def main() -> None:
             "python": sys.version.split()[0],
             "java": java_version(),
             "pycocoevalcap": version("pycocoevalcap"),
+            "rouge-score": version("rouge-score"),
         },
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

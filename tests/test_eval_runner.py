@@ -32,6 +32,7 @@ from vlalign.models.backbones import make_image_processor
 from vlalign.models.vlm import VisionLanguageModel
 
 COCO_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+ROUGE_SCORE = ("ROUGE1_F", "ROUGE1_R", "ROUGEL_F", "ROUGEL_R")  # rouge-score's (seed 001)
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,9 @@ def test_outputs_and_metric_contract(world, untrained):
     assert set(metrics) == {"schema_version", "run", "records", "missing"}
     names = {r["metric"] for r in metrics["records"]}
     assert set(COCO_METRICS) <= names and {"VQA_acc", "effective_rank_0.9"} <= names
+    assert set(ROUGE_SCORE) <= names
+    resampled = {r["metric"] for r in metrics["records"] if "resamples" in r}
+    assert resampled == set(COCO_METRICS) | set(ROUGE_SCORE)
     assert "trainable_params" in names
     assert {"grounding_gap", "grounding_loss_own", "distinct_ratio"} <= names
     for rec in metrics["records"]:

@@ -12,7 +12,12 @@ from pycocoevalcap.cider.cider_scorer import precook
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 
-from vlalign.eval.caption_metrics import CaptionScorer, ptb_tokenize
+from vlalign.eval.caption_metrics import (
+    ROUGE_SCORE_METRICS,
+    CaptionScorer,
+    ptb_tokenize,
+    rouge_scores,
+)
 from vlalign.eval.resampling import ResampleCheckError, ResampleScheme, cider_resamples
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "triangle", "small", "large", "on",
@@ -47,7 +52,7 @@ def test_every_metric_equals_pycocoevalcap_on_the_resampled_multiset():
     with CaptionScorer(spice="off") as scorer:
         out = scorer.score(res, gts, resample=scheme)
     assert set(out.resamples) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L",
-                                  "CIDEr"}
+                                  "CIDEr", *ROUGE_SCORE_METRICS}
     ids = list(res)
     # pycocoevalcap on the tokenized multiset (a drawn image repeated under fresh ids)
     flat = [res[i] for i in ids] + [r for i in ids for r in gts[i]]
@@ -71,6 +76,10 @@ def test_every_metric_equals_pycocoevalcap_on_the_resampled_multiset():
                 Rouge().compute_score(mgts, mres)[0], rel=1e-9)
             assert out.resamples["METEOR"][k] == pytest.approx(
                 meteor.compute_score(mgts, mres)[0], rel=1e-9)
+            # rouge-score's: the mean over the drawn images, on the raw captions
+            rouge = rouge_scores([res[ids[x]] for x in idx], [gts[ids[x]] for x in idx])
+            for m in ROUGE_SCORE_METRICS:
+                assert out.resamples[m][k] == pytest.approx(rouge[m].mean(), rel=1e-9)
     finally:
         meteor.meteor_p.kill()
     # the resamples differ from each other and from the full-set score: they are not copies
@@ -117,7 +126,9 @@ def test_cached_references_score_exactly_as_pycocoevalcap(tmp_path):
         theirs["METEOR"] = meteor.compute_score(tgts, tres)[0]
     finally:
         meteor.meteor_p.kill()
-    assert {k: float(v) for k, v in theirs.items()} == mine == again
+    assert mine == again
+    assert set(mine) - set(theirs) == set(ROUGE_SCORE_METRICS)  # rouge-score's, not pycocoevalcap's
+    assert {k: float(v) for k, v in theirs.items()} == {k: mine[k] for k in theirs}
     other = {k: [v[0] + " again"] + v[1:] for k, v in gts.items()}
     with pytest.raises(ValueError, match="do not match"), CaptionScorer(spice="off") as scorer:
         scorer.score(res, other, cached=loaded)

@@ -5,6 +5,12 @@ pycocoevalcap's punctuation filter → Bleu(4), METEOR 1.5 (Java), ROUGE-L, CIDE
 ``Cider`` is CIDEr-D) and, only when the Stanford CoreNLP jars are already installed, SPICE
 (Java). A metric that cannot be computed is returned in ``missing`` and never as 0.
 
+Besides COCO's metrics, ROUGE-1 and ROUGE-L F1 and recall (seed 001, PETAL, Tables 1 and 3:
+``ROUGE1_F``, ``ROUGE1_R``, ``ROUGEL_F``, ``ROUGEL_R``) with Google's ``rouge-score`` package
+(:func:`rouge_scores`). pycocoevalcap has no ROUGE-1, and its ``ROUGE_L`` is one F-measure with
+beta = 1.2, neither the F1 nor the recall PETAL reports; the names differ so the two ROUGE-L
+never mix.
+
 Two deliberate deviations from pycocoevalcap's wrappers, neither of which changes a score:
 - the PTB tokenizer is invoked with the same jar, class, flags and punctuation filter as
   ``pycocoevalcap.tokenizer.ptbtokenizer.PTBTokenizer``, but its temporary file goes to the
@@ -35,6 +41,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.spice import get_stanford_models as _spice_models
 from pycocoevalcap.tokenizer import ptbtokenizer as _ptb
+from rouge_score import rouge_scorer
 from tqdm import tqdm
 
 from vlalign.eval.references import References
@@ -46,7 +53,10 @@ from vlalign.eval.resampling import (
     meteor_resamples,
 )
 
-CAPTION_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+# rouge-score's ROUGE-1 / ROUGE-L F1 and recall (seed 001); not pycocoevalcap's ROUGE_L
+ROUGE_SCORE_METRICS = ("ROUGE1_F", "ROUGE1_R", "ROUGEL_F", "ROUGEL_R")
+CAPTION_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L",
+                   *ROUGE_SCORE_METRICS, "CIDEr", "SPICE")
 SPICE_MODES = ("auto", "off", "require")
 
 _PTB_JAR = Path(_ptb.__file__).resolve().parent / _ptb.STANFORD_CORENLP_3_4_1_JAR
@@ -158,6 +168,34 @@ def ptb_tokenize(sentences: Sequence[str]) -> list[str]:
     return [" ".join(w for w in line.rstrip().split(" ") if w not in punct) for line in out_lines]
 
 
+def rouge_scores(
+    predictions: Sequence[str], references: Sequence[Sequence[str]]
+) -> dict[str, np.ndarray]:
+    """Per image, ROUGE-1 and ROUGE-L F1 and recall of its prediction against its references,
+    with Google's ``rouge-score`` (which replicates ROUGE-1.5.5's defaults; no stemmer). It
+    tokenizes the raw texts itself (lower-case; every run of characters other than ``a-z0-9``
+    separates words, so a non-ASCII letter splits its word): the captions are scored as
+    ``rouge-score`` scores them for other evaluations, not on the PTB tokens.
+
+    Several references: ``RougeScorer.score_multi``, the library's documented behaviour — per
+    ROUGE type, the reference with the highest F-measure (the first on ties) gives that type's
+    Score, so ``*_R`` is the recall *of the best-F reference*, not the maximum recall over the
+    references, and F and recall of one type always come from the same reference. An empty
+    prediction scores 0.
+
+    Returns ``{metric: array over images}`` for :data:`ROUGE_SCORE_METRICS`, in 0..1; the
+    corpus score is the mean over images.
+    """
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
+    out = {m: np.zeros(len(predictions)) for m in ROUGE_SCORE_METRICS}
+    for k, (pred, refs) in enumerate(zip(predictions, references, strict=True)):
+        best = scorer.score_multi(list(refs), pred)
+        for kind, name in (("rouge1", "ROUGE1"), ("rougeL", "ROUGEL")):
+            out[f"{name}_F"][k] = best[kind].fmeasure
+            out[f"{name}_R"][k] = best[kind].recall
+    return out
+
+
 @contextlib.contextmanager
 def _meteor() -> Iterator[Meteor]:
     """pycocoevalcap's Meteor with its JVM reliably shut down and its stderr drained."""
@@ -264,7 +302,8 @@ class CaptionScorer:
                 counts are reused; it must cover exactly ``references``' captions of the
                 scored ids (else ValueError).
             timings: if given, filled with wall seconds per step ("tokenize", "Bleu",
-                "METEOR", "ROUGE_L", "CIDEr", "SPICE").
+                "METEOR", "ROUGE_L", "rouge_score" (:data:`ROUGE_SCORE_METRICS`), "CIDEr",
+                "SPICE").
         """
         ids = _validate(predictions, references)
         timings = {} if timings is None else timings
@@ -295,8 +334,8 @@ class CaptionScorer:
 
         out = CaptionScores(scores={}, missing=[])
         scores, resamples = out.scores, out.resamples
-        steps = ["Bleu", "METEOR", "ROUGE_L", "CIDEr"] if self.meteor else [
-            "Bleu", "ROUGE_L", "CIDEr"]
+        steps = ["Bleu", "METEOR", "ROUGE_L", "rouge_score", "CIDEr"] if self.meteor else [
+            "Bleu", "ROUGE_L", "rouge_score", "CIDEr"]
         steps += ["SPICE"] if spice_reason is None else []
         if not self.meteor:
             out.missing.append({"metric": "METEOR", "reason": "disabled (eval.meteor: false)"})
@@ -321,6 +360,13 @@ class CaptionScorer:
                 scores["ROUGE_L"] = float(rouge)
                 if weights is not None:
                     resamples["ROUGE_L"] = mean_resamples("ROUGE_L", per_image, weights, rouge)
+            elif step == "rouge_score":
+                # the raw captions (rouge-score tokenizes itself), not the PTB tokens
+                by_image = rouge_scores([predictions[i] for i in ids], [scored[i] for i in ids])
+                for name, values in by_image.items():
+                    scores[name] = float(values.mean())
+                    if weights is not None:  # a mean over images: the drawn images' mean
+                        resamples[name] = mean_resamples(name, values, weights, scores[name])
             elif step == "CIDEr":
                 # pycocoevalcap's CiderScorer (CIDEr-D) on the cached reference counts
                 cider = CiderScorer(n=4, sigma=6.0)
@@ -356,9 +402,10 @@ def score_captions(
     :class:`CaptionScorer` call; see :meth:`CaptionScorer.score` for the arguments).
 
     Returns:
-        ``(scores, missing)``: scores maps pycocoevalcap metric names (Bleu_1..Bleu_4, METEOR,
-        ROUGE_L, CIDEr, SPICE) to corpus-level floats in pycocoevalcap's raw scale (0..1, CIDEr
-        unbounded); missing lists ``{"metric", "reason"}`` for metrics not computed.
+        ``(scores, missing)``: scores maps the metric names (pycocoevalcap's Bleu_1..Bleu_4,
+        METEOR, ROUGE_L, CIDEr, SPICE and rouge-score's ROUGE1_F, ROUGE1_R, ROUGEL_F, ROUGEL_R)
+        to corpus-level floats in the raw scale (0..1, CIDEr unbounded); missing lists
+        ``{"metric", "reason"}`` for metrics not computed.
     """
     with CaptionScorer(spice) as scorer:
         out = scorer.score(predictions, references, timings=timings)

@@ -10,7 +10,8 @@ From per-image sufficient statistics, the ones pycocoevalcap's scorers compute (
 side from :class:`~vlalign.eval.references.References`):
 - BLEU-1..4: pycocoevalcap's per-image counts (hypothesis length, closest reference length,
   guessed and matched n-grams), summed with the resample's weights;
-- ROUGE-L: pycocoevalcap's corpus score is the mean of its per-image scores;
+- ROUGE-L: pycocoevalcap's corpus score is the mean of its per-image scores; so are
+  rouge-score's ROUGE-1 / ROUGE-L F1 and recall (``ROUGE1_F`` ... ``ROUGEL_R``);
 - CIDEr-D: its idf weights are ``log N - log max(1, df)`` with df counted over the resample, so
   each resample re-weights n-grams. ``min(tf_h idf, tf_r idf) = min(tf_h, tf_r) idf`` (idf >= 0),
   so every dot product and norm is linear in idf², one sparse product per resample;
@@ -101,7 +102,7 @@ def bleu_resamples(
 def mean_resamples(
     name: str, per_image: Sequence[float], weights: np.ndarray, reference: float
 ) -> np.ndarray:
-    """A corpus score that is the mean of per-image scores (ROUGE-L, SPICE)."""
+    """A corpus score that is the mean of per-image scores (ROUGE-L, rouge-score's ROUGE)."""
     s = np.asarray(per_image, dtype=float)
     _check(name, float(s.mean()), reference)
     return weights @ s / len(s)

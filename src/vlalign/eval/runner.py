@@ -449,6 +449,29 @@ def _extra(rec: Mapping[str, Any], i: int) -> tuple[str, float]:
     return str(rec["metric"]), float(value)
 
 
+def metric_records(
+    base: Mapping[str, Any],
+    scores: Mapping[str, float],
+    decoding: Mapping[str, Any],
+    resamples: Mapping[str, np.ndarray] | None = None,
+    scheme: ResampleScheme | None = None,
+) -> list[dict]:
+    """The ``metrics.json`` records of ``scores`` (docs/outputs.md): ``base`` (run, stage,
+    dataset, split), ``metric``, ``value``, ``decoding``; a metric in ``resamples`` (its score
+    per image resample of ``scheme``) also carries its ``resamples`` block."""
+    resamples = resamples or {}
+    if resamples and scheme is None:
+        raise ValueError("resampled scores need the resample scheme they were drawn with")
+    records = []
+    for m, v in scores.items():
+        rec = {**base, "metric": m, "value": float(v), "decoding": decoding}
+        if m in resamples:
+            values = [float(x) for x in resamples[m]]
+            rec["resamples"] = {"scheme": scheme.as_dict(), "values": values}
+        records.append(rec)
+    return records
+
+
 def evaluate_run(
     model_dir: PathLike,
     data_dir: PathLike,
@@ -533,7 +556,8 @@ def evaluate_run(
     scores: dict[str, float] = {}
     missing: list[dict] = []
     lines: list[dict] = []
-    resamples: dict[str, dict] = {}
+    resamples: dict[str, np.ndarray] = {}  # caption metric -> its score per image resample
+    scheme: ResampleScheme | None = None
 
     if cap_ids:
         preds = _generate_rows(
@@ -555,10 +579,7 @@ def evaluate_run(
             )
         scores.update(caps.scores)
         missing += caps.missing
-        resamples = {
-            m: {"scheme": scheme.as_dict(), "values": [float(x) for x in v]}
-            for m, v in caps.resamples.items()
-        }
+        resamples = caps.resamples
         # grounding: pure Python on the predictions just generated
         scenes = [objects_of(m) for m in ds.select_columns(["meta"])["meta"]]
         g_scores, g_missing = caption_grounding(preds, scenes, where=f"{dataset}/{split}")
@@ -593,9 +614,7 @@ def evaluate_run(
     scores[RANK_TEXT_METRIC] = curve["text"]["effective_rank"]
 
     base = {"run": run, "stage": stage, "dataset": dataset, "split": split}
-    records = [{**base, "metric": m, "value": float(v), "decoding": decoding}
-               | ({"resamples": resamples[m]} if m in resamples else {})
-               for m, v in scores.items()]
+    records = metric_records(base, scores, decoding, resamples, scheme)
     records += [{**base, "metric": m, "value": v, "decoding": decoding} for m, v in extras]
     metrics = {"schema_version": METRICS_SCHEMA_VERSION, "run": run, "records": records,
                "missing": missing}

@@ -16,6 +16,7 @@ PACKAGES = (
     "tokenizers",
     "snakemake",
     "pycocoevalcap",
+    "rouge-score",
     "duckdb",
     "pandas",
 )
