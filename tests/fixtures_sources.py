@@ -188,3 +188,153 @@ def pathvqa_rows(k: int, n: int) -> dict[str, list]:
 def make_pathvqa(root: Path) -> Path:
     return write_splits(root, {"train": pathvqa_rows(0, 3), "validation": pathvqa_rows(1, 2),
                                "test": pathvqa_rows(2, 2)}, PATHVQA_FEATURES)
+
+
+# --- seed 001 (PETAL): lmms-lab/TextCaps, lmms-lab/OK-VQA, HuggingFaceM4/A-OKVQA,
+# lmms-lab/textvqa (the columns of their hub cards; extra columns the presets do not read are
+# there too, so that they are shown to be ignored) ------------------------------------------
+
+TEXTCAPS_FEATURES = Features({
+    "question_id": Value("string"),
+    "question": Value("string"),
+    "image": Image(),
+    "image_id": Value("string"),
+    "image_classes": List(Value("string")),
+    "set_name": Value("string"),
+    "image_name": Value("string"),
+    "caption_id": List(Value("int64")),
+    "caption_str": List(Value("string")),
+    "reference_strs": List(Value("string")),
+})
+
+
+def textcaps_rows(split: str, colours: list[str]) -> dict[str, list]:
+    n = len(colours)
+    caps = [[f"a sign that says {c}.", f"the word {c} in white letters.", f"{c} text."]
+            for c in colours]
+    return {
+        "question_id": [f"{split}_{i}" for i in range(n)],
+        "question": ["Please carefully observe the image and come up with a caption."] * n,
+        "image": [_img(image_bytes(c, (9 + i, 7)), f"{c}.jpg") for i, c in enumerate(colours)],
+        "image_id": [f"{split}{i:04d}abcd" for i in range(n)],
+        "image_classes": [["Sign", "Text"]] * n,
+        "set_name": [split] * n,
+        "image_name": [f"{split}{i:04d}abcd.jpg" for i in range(n)],
+        "caption_id": [[3 * i, 3 * i + 1, 3 * i + 2] for i in range(n)],
+        "caption_str": caps,
+        "reference_strs": caps,
+    }
+
+
+def make_textcaps(root: Path) -> Path:
+    # the hub's test split has no captions (empty lists): a recipe maps only train and val
+    test = textcaps_rows("test", ["black"])
+    test["caption_str"] = test["reference_strs"] = [[]]
+    return write_splits(root, {"train": textcaps_rows("train", ["red", "green", "blue"]),
+                               "val": textcaps_rows("val", ["white", "gray"]),
+                               "test": test}, TEXTCAPS_FEATURES)
+
+
+OKVQA_FEATURES = Features({
+    "question_id": Value("string"),
+    "image": Image(),
+    "question": Value("string"),
+    "answers": List(Value("string")),
+    "question_type": Value("string"),
+    "answer_type": Value("string"),
+})
+
+# 10 answers per question, repeats kept (OK-VQA's 5 answers, each given twice)
+OKVQA_ANSWERS = [["banana"] * 6 + ["strawberry"] * 2 + ["blueberry"] * 2,
+                 ["tennis"] * 10,
+                 ["rain", "rain", "storm", "storm", "rain", "rain", "weather", "weather",
+                  "rain", "rain"]]
+
+
+def make_okvqa(root: Path) -> Path:
+    cols = {
+        "question_id": ["2971475", "3576", "5574212"],
+        "image": [_img(image_bytes(c), f"{c}.jpg") for c in ("yellow", "green", "gray")],
+        "question": ["What fruit is typically added to the top of cereal?",
+                     "What sport is played here?", "What is falling from the sky?"],
+        "answers": OKVQA_ANSWERS,
+        "question_type": ["eight", "seven", "nine"],
+        "answer_type": ["other"] * 3,
+    }
+    return write_splits(root, {"val2014": cols}, OKVQA_FEATURES)  # the hub's only split
+
+
+AOKVQA_FEATURES = Features({
+    "image": Image(),
+    "question_id": Value("string"),
+    "question": Value("string"),
+    "choices": List(Value("string")),
+    "correct_choice_idx": Value("int8"),
+    "direct_answers": List(Value("string")),
+    "difficult_direct_answer": Value("bool"),
+    "rationales": List(Value("string")),
+})
+
+
+def aokvqa_rows(k: int, n: int) -> dict[str, list]:
+    return {
+        "image": [_img(image_bytes("blue", (8 + k, 8 + i)), f"{k}_{i}.jpg") for i in range(n)],
+        "question_id": [f"22jbM6gDxdaMaunuzgrs{k}{i}" for i in range(n)],
+        "question": [f"What is in the motorcyclist's mouth {k}.{i}?" for i in range(n)],
+        "choices": [["toothpick", "food", "popsicle stick", "cigarette"]] * n,
+        "correct_choice_idx": [3] * n,
+        "direct_answers": [["cigarette"] * 9 + ["toothpick"]] * n,
+        "difficult_direct_answer": [False] * n,
+        "rationales": [["He's smoking while riding."]] * n,
+    }
+
+
+def make_aokvqa(root: Path) -> Path:
+    return write_splits(root, {"train": aokvqa_rows(0, 3), "validation": aokvqa_rows(1, 2)},
+                        AOKVQA_FEATURES)
+
+
+TEXTVQA_FEATURES = Features({
+    "image_id": Value("string"),
+    "question_id": Value("int32"),
+    "question": Value("string"),
+    "question_tokens": List(Value("string")),
+    "image": Image(),
+    "image_width": Value("int32"),
+    "image_height": Value("int32"),
+    "flickr_original_url": Value("string"),
+    "flickr_300k_url": Value("string"),
+    "answers": List(Value("string")),
+    "image_classes": List(Value("string")),
+    "set_name": Value("string"),
+    "ocr_tokens": List(Value("string")),
+})
+
+TEXTVQA_ANSWERS = ["11:38 et", "unanswerable", "unanswerable", "live", "11:38 et",
+                   "unanswerable", "live 11:39 eastern time", "live", "live", "no text in image"]
+
+
+def textvqa_rows(split: str, n: int) -> dict[str, list]:
+    q = [f"when is this being aired {i}?" for i in range(n)]
+    return {
+        "image_id": ["0054c91397f2fe05"] * n,  # several questions on one image
+        "question_id": [100 * len(split) + i for i in range(n)],
+        "question": q,
+        "question_tokens": [x.split() for x in q],
+        "image": [_img(image_bytes("cyan", (6 + i, 9)), f"{i}.jpg") for i in range(n)],
+        "image_width": [6 + i for i in range(n)],
+        "image_height": [9] * n,
+        "flickr_original_url": ["https://farm1.staticflickr.com/x.jpg"] * n,
+        "flickr_300k_url": ["https://c4.staticflickr.com/x.jpg"] * n,
+        # the test split's answers are not public: 10 empty strings (facebook/textvqa's card)
+        "answers": [TEXTVQA_ANSWERS if split != "test" else [""] * 10] * n,
+        "image_classes": [["Television"]] * n,
+        "set_name": [{"validation": "val"}.get(split, split)] * n,
+        "ocr_tokens": [["live", "11:38", "et"]] * n,
+    }
+
+
+def make_textvqa(root: Path) -> Path:
+    return write_splits(root, {"train": textvqa_rows("train", 3),
+                               "validation": textvqa_rows("validation", 2),
+                               "test": textvqa_rows("test", 1)}, TEXTVQA_FEATURES)

@@ -13,20 +13,30 @@ import PIL.Image
 import pytest
 from datasets import Dataset, DatasetDict, load_from_disk
 from fixtures_sources import (
+    AOKVQA_FEATURES,
     COCO_ROWS,
     FLICKR8K_FEATURES,
     LLAVA_FEATURES,
+    OKVQA_ANSWERS,
+    TEXTVQA_ANSWERS,
+    aokvqa_rows,
     coco_name,
     corrupt_png,
     flickr8k_rows,
     flickr30k_features,
     flickr30k_rows,
     llava_rows,
+    make_aokvqa,
     make_coco_karpathy,
     make_flickr8k,
     make_flickr30k,
     make_llava,
+    make_okvqa,
     make_pathvqa,
+    make_textcaps,
+    make_textvqa,
+    textcaps_rows,
+    textvqa_rows,
     write_splits,
 )
 
@@ -358,3 +368,137 @@ def test_synthetic_route(tmp_path):
     assert load_report(dsd)["train"]["rows"] == 4
     capped = load_source("world", {**spec, "max_rows": 1})
     assert [len(capped[s]) for s in SPLITS] == [1, 1, 1]
+
+
+# --- seed 001 (PETAL): TextCaps, OK-VQA, A-OKVQA, TextVQA ---------------------------------------
+
+
+def test_presets_are_the_config_formats():
+    import yaml
+
+    from vlalign.config import SCHEMA
+    from vlalign.data.sources import PRESETS
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    fmt = schema["properties"]["datasets"]["additionalProperties"]["properties"]["format"]
+    assert sorted(fmt["enum"]) == sorted(PRESETS)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_textcaps_captions_and_recipe_splits(route, tmp_path):
+    root = make_textcaps(tmp_path / "textcaps")
+    spec = _spec(route, root, tmp_path, format="textcaps", splits={"train": "train", "test": "val"})
+    dsd = load_source("textcaps", spec)
+    _check_schema(dsd)
+    assert [len(dsd[s]) for s in SPLITS] == [3, 0, 2]
+    src = textcaps_rows("val", ["white", "gray"])
+    for i, r in enumerate(dsd["test"]):
+        assert r["image_id"] == src["image_id"][i]  # the OpenImages id
+        assert r["captions"] == src["caption_str"][i]  # the whole list, in order
+        assert r["qa"] == [] and r["recaption"] == "" and r["conversations"] == []
+        meta = json.loads(r["meta"])
+        assert meta["image_name"] == src["image_name"][i] and meta["source_split"] == "val"
+        assert "reference_strs" not in meta and "question" not in meta
+    assert dsd["test"][1]["image"].size == (10, 7)
+    # the hub's test split has no captions: taken as it comes, it fails naming the column
+    with pytest.raises(SourceError, match=r"'test' row 0, column 'caption_str'.*empty caption"):
+        load_source("textcaps", _spec(route, root, tmp_path, format="textcaps"))
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_okvqa_keeps_every_answer(route, tmp_path):
+    root = make_okvqa(tmp_path / "okvqa")
+    dsd = load_source("okvqa", _spec(route, root, tmp_path, format="okvqa",
+                                     splits={"test": "val2014"}))
+    _check_schema(dsd)
+    assert [len(dsd[s]) for s in SPLITS] == [0, 0, 3]
+    rows = dsd["test"]
+    assert rows["image_id"] == ["2971475", "3576", "5574212"]  # the question ids
+    assert [r[0]["answers"] for r in rows["qa"]] == OKVQA_ANSWERS  # 10 each, repeats kept
+    assert rows[0]["qa"][0]["question"] == "What fruit is typically added to the top of cereal?"
+    meta = json.loads(rows[1]["meta"])
+    assert meta["question_type"] == "seven" and meta["answer_type"] == "other"
+    assert rows[2]["captions"] == [] and rows[2]["image"].getpixel((0, 0)) == (128, 128, 128)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_aokvqa_direct_answers_and_choices(route, tmp_path):
+    root = make_aokvqa(tmp_path / "aokvqa")
+    spec = _spec(route, root, tmp_path, format="aokvqa",
+                 splits={"train": "train", "test": "validation"})
+    dsd = load_source("aokvqa", spec)
+    _check_schema(dsd)
+    assert [len(dsd[s]) for s in SPLITS] == [3, 0, 2]
+    src = aokvqa_rows(1, 2)
+    r = dsd["test"][1]
+    assert r["image_id"] == src["question_id"][1]
+    assert r["qa"] == [{"question": src["question"][1], "answers": src["direct_answers"][1]}]
+    meta = json.loads(r["meta"])
+    assert meta["choices"] == ["toothpick", "food", "popsicle stick", "cigarette"]
+    assert meta["correct_choice_idx"] == 3 and meta["difficult_direct_answer"] is False
+    assert meta["rationales"] == ["He's smoking while riding."]
+
+
+def test_aokvqa_bad_choice_index_and_empty_answers_raise(tmp_path):
+    cols = aokvqa_rows(0, 3)
+    cols["correct_choice_idx"][2] = 4
+    root = write_splits(tmp_path / "a1", {"train": cols}, AOKVQA_FEATURES)
+    with pytest.raises(SourceError, match=r"row 2, column 'correct_choice_idx'.*4 choices"):
+        load_source("a", _spec("local", root, tmp_path, format="aokvqa"))
+    cols = aokvqa_rows(0, 3)
+    cols["direct_answers"][1] = []
+    root = write_splits(tmp_path / "a2", {"train": cols}, AOKVQA_FEATURES)
+    with pytest.raises(SourceError, match=r"row 1, column 'direct_answers'.*empty answer list"):
+        load_source("a", _spec("local", root, tmp_path, format="aokvqa"))
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_textvqa_answers_ocr_and_the_unanswered_test_split(route, tmp_path):
+    root = make_textvqa(tmp_path / "textvqa")
+    spec = _spec(route, root, tmp_path, format="textvqa",
+                 splits={"train": "train", "test": "validation"})
+    dsd = load_source("textvqa", spec)
+    _check_schema(dsd)
+    assert [len(dsd[s]) for s in SPLITS] == [3, 0, 2]
+    src = textvqa_rows("validation", 2)
+    for i, r in enumerate(dsd["test"]):
+        assert r["image_id"] == str(src["question_id"][i])  # one row per question
+        assert r["qa"] == [{"question": src["question"][i], "answers": TEXTVQA_ANSWERS}]
+        meta = json.loads(r["meta"])
+        assert meta["openimages_id"] == "0054c91397f2fe05"  # the image both questions are on
+        assert meta["ocr_tokens"] == ["live", "11:38", "et"]
+        assert "set_name" not in meta and "image_classes" not in meta
+    # the hub's test split has empty answers: taken as it comes, it fails naming the column
+    with pytest.raises(SourceError, match=r"'test' row 0, column 'answers\[0\]'.*empty answer"):
+        load_source("textvqa", _spec(route, root, tmp_path, format="textvqa"))
+
+
+@pytest.mark.parametrize(
+    ("make", "fmt", "column", "field"),
+    [
+        (make_textcaps, "textcaps", "caption_str", "captions"),
+        (make_okvqa, "okvqa", "answers", "answers"),
+        (make_okvqa, "okvqa", "question", "question"),
+        (make_aokvqa, "aokvqa", "direct_answers", "answers"),
+        (make_aokvqa, "aokvqa", "choices", "choices"),
+        (make_textvqa, "textvqa", "answers", "answers"),
+        (make_textvqa, "textvqa", "image", "image"),
+    ],
+)
+def test_petal_presets_name_a_missing_column(make, fmt, column, field, tmp_path):
+    shard = sorted((make(tmp_path / "src") / "data").glob("*.parquet"))[0]
+    ds = Dataset.from_parquet(str(shard)).remove_columns([column])
+    single = tmp_path / "without.parquet"
+    ds.to_parquet(str(single))
+    with pytest.raises(SourceError) as e:
+        load_source("petal", _spec("local", single, tmp_path, format=fmt))
+    msg = str(e.value)
+    assert f"missing required column '{column}' (field '{field}')" in msg
+    assert f"format {fmt}" in msg and "available columns" in msg
+    # a column override names another source column for the field
+    if fmt == "okvqa" and column == "answers":
+        ds.add_column("answer_list", OKVQA_ANSWERS).to_parquet(str(single))
+        dsd = load_source("petal", _spec("local", single, tmp_path, format=fmt,
+                                         columns={"answers": "answer_list"},
+                                         splits={"test": "train"}))
+        assert dsd["test"][0]["qa"][0]["answers"] == OKVQA_ANSWERS[0]

@@ -12,8 +12,11 @@ One entry point, :func:`load_source`, turns a dataset spec from the config into 
     A preset column layout of a paper-recipe dataset, see :data:`PRESETS`:
     ``llava`` (LLaVA-ReCap-118K / -558K, LLaVA-NeXT-Data), ``coco_karpathy``
     (yerevann/coco-karpathy, images read from ``image_root/filepath/filename``), ``flickr30k``
-    (nlphuji/flickr30k, lmms-lab/flickr30k), ``flickr8k`` (jxie/flickr8k) and ``pathvqa``
-    (flaviagiammarino/path-vqa).
+    (nlphuji/flickr30k, lmms-lab/flickr30k), ``flickr8k`` (jxie/flickr8k), ``pathvqa``
+    (flaviagiammarino/path-vqa), and seed 001's (PETAL) ``textcaps`` (lmms-lab/TextCaps),
+    ``okvqa`` (lmms-lab/OK-VQA), ``aokvqa`` (HuggingFaceM4/A-OKVQA) and ``textvqa``
+    (lmms-lab/textvqa). A VQA source with one row per question keeps one qa pair per row, with
+    the question id as ``image_id``.
 ``columns``
     Overrides of the preset mapping: preset field → source column (a list of columns for
     ``captions`` means one caption per column, as in flickr8k).
@@ -256,7 +259,7 @@ def _norm_coco_karpathy(r: _Row, ctx: _Ctx) -> dict[str, Any]:
 
 
 def _norm_captioned(r: _Row, ctx: _Ctx) -> dict[str, Any]:
-    meta = {k: r.get(k) for k in ("filename",) if r.get(k) is not None}
+    meta = {k: r.get(k) for k in ("filename", "image_name") if r.get(k) is not None}
     return {"image": _image(r), "captions": _captions(r), "recaption": "", "qa": [],
             "conversations": [], "meta": meta}
 
@@ -267,6 +270,45 @@ def _norm_pathvqa(r: _Row, ctx: _Ctx) -> dict[str, Any]:
     return {"image": _image(r), "captions": [], "recaption": "",
             "qa": [{"question": question, "answers": [answer]}], "conversations": [],
             "meta": {}}
+
+
+def _answers(r: _Row, fld: str = "answers") -> list[str]:
+    """Every annotator answer, in order (VQAv2 soft accuracy counts repeats)."""
+    value, column = r.get(fld), r.col(fld)
+    if not isinstance(value, list | tuple) or not value:
+        raise _RowError(column, f"empty answer list ({value!r})")
+    return [_text(v, f"{column}[{i}]", "answer") for i, v in enumerate(value)]
+
+
+def _extras(r: _Row, used: tuple[str, ...]) -> dict[str, Any]:
+    """The preset's other fields (those the source has) for ``meta``."""
+    return {f: r.get(f) for f in r.ctx.columns if f not in used and r.get(f) is not None}
+
+
+_VQA_USED = ("image", "image_id", "question", "answers")
+
+
+def _norm_vqa(r: _Row, ctx: _Ctx) -> dict[str, Any]:
+    """One question per row with its list of answers (OK-VQA, TextVQA)."""
+    question = _text(r.get("question"), r.col("question"), "question")
+    return {"image": _image(r), "captions": [], "recaption": "",
+            "qa": [{"question": question, "answers": _answers(r)}], "conversations": [],
+            "meta": _extras(r, _VQA_USED)}
+
+
+def _norm_aokvqa(r: _Row, ctx: _Ctx) -> dict[str, Any]:
+    """A-OKVQA: the direct answers are the qa answers; the multiple-choice options, the
+    correct option's index and the rationales go to ``meta``."""
+    rec = _norm_vqa(r, ctx)
+    column, choices = r.col("choices"), r.get("choices")
+    if not isinstance(choices, list | tuple) or not choices:
+        raise _RowError(column, f"empty choice list ({choices!r})")
+    rec["meta"]["choices"] = [_text(c, f"{column}[{i}]", "choice") for i, c in enumerate(choices)]
+    idx = r.get("correct_choice_idx")
+    if idx is not None and not (isinstance(idx, int) and 0 <= idx < len(choices)):
+        raise _RowError(r.col("correct_choice_idx"),
+                        f"not an index into the {len(choices)} choices ({idx!r})")
+    return rec
 
 
 _SPLIT_EQ = {"train": ("train",), "val": ("val", "validation", "dev"), "test": ("test",)}
@@ -306,6 +348,57 @@ PRESETS: dict[str, Preset] = {
         columns={"image": "image", "question": "question", "answer": "answer"},
         required=("image", "question", "answer"),
         normalise=_norm_pathvqa,
+    ),
+    # Seed 001 (PETAL). Column defaults from the hub dataset cards (their dataset_info
+    # features) and, for what a column means, the loaders that read them (lmms-eval's tasks).
+    # The VQA sources have one row per question: its question id is the row's image_id.
+    # lmms-lab/TextCaps: one row per image; `caption_str` (a list) holds its captions, the
+    # column lmms-eval's TextCaps task scores against (`reference_strs` is not read),
+    # `image_id` the OpenImages id, `image_name` the file name. Splits train / val / test; the
+    # test split has no public captions.
+    "textcaps": Preset(
+        columns={"image": "image", "captions": "caption_str", "image_id": "image_id",
+                 "image_name": "image_name"},
+        required=("image", "captions"),
+        normalise=_norm_captioned,
+        id_field="image_id",
+    ),
+    # lmms-lab/OK-VQA: `question_id`, `image`, `question`, `answers` (10 per question, repeats
+    # kept), `question_type`, `answer_type`; a single split `val2014` (OK-VQA's 5,046 val
+    # questions; its train split is not in this repo).
+    "okvqa": Preset(
+        columns={"image": "image", "image_id": "question_id", "question": "question",
+                 "answers": "answers", "question_type": "question_type",
+                 "answer_type": "answer_type"},
+        required=("image", "question", "answers"),
+        normalise=_norm_vqa,
+        id_field="image_id",
+    ),
+    # HuggingFaceM4/A-OKVQA (no feature list found on its card: the columns as code loading
+    # this hub repo reads them): `image`, `question_id`, `question`, `choices` (4 options),
+    # `correct_choice_idx`, `direct_answers` (10), `difficult_direct_answer`; `rationales` as
+    # in A-OKVQA's own JSON (kept when present). Splits train / validation / test (test
+    # answers are not public).
+    "aokvqa": Preset(
+        columns={"image": "image", "image_id": "question_id", "question": "question",
+                 "answers": "direct_answers", "choices": "choices",
+                 "correct_choice_idx": "correct_choice_idx",
+                 "difficult_direct_answer": "difficult_direct_answer",
+                 "rationales": "rationales"},
+        required=("image", "question", "answers", "choices"),
+        normalise=_norm_aokvqa,
+        id_field="image_id",
+    ),
+    # lmms-lab/textvqa: `image_id` (OpenImages), `question_id`, `question`, `image`, `answers`
+    # (10), `ocr_tokens`, ... (also `image_classes`, `set_name`, image sizes and URLs, not
+    # kept); splits train / validation / test (test answers are not public).
+    "textvqa": Preset(
+        columns={"image": "image", "image_id": "question_id", "question": "question",
+                 "answers": "answers", "openimages_id": "image_id",
+                 "ocr_tokens": "ocr_tokens"},
+        required=("image", "question", "answers"),
+        normalise=_norm_vqa,
+        id_field="image_id",
     ),
 }
 
