@@ -16,6 +16,7 @@ from helpers import LM, build_world
 from vlalign.data.text_formats import (
     IGNORE_INDEX,
     PLAIN,
+    Prompt,
     TextFormat,
     caption_prompt,
     caption_target,
@@ -220,10 +221,10 @@ def test_eval_job_from_params_checks_its_inputs(tmp_path):
     assert job.settings == EvalSettings(task="vqa") and job.text_format == PLAIN
     # the last stage's instructions: the prompts carry them (a model is asked as trained)
     last = params["config"]["stages"][-1]
-    fmt = {**params, "config": {"stages": [{**last, "instructions": ["Which objects?"],
-                                            "task_prompt": "A photo of"}]}}
+    prompts = {"caption": {"instructions": ["Which objects?"], "task": "A photo of"}}
+    fmt = {**params, "config": {"stages": [{**last, "prompts": prompts}]}}
     job = EvalJob.from_params(fmt, data=["da", "db"], tokenizer="t", vision="v", out_dir=tmp_path)
-    assert job.text_format == TextFormat(("Which objects?",), "A photo of")
+    assert job.text_format == TextFormat(Prompt(("Which objects?",), "A photo of"))
     with pytest.raises(ValueError, match=r"--data has 1 paths for datasets \['a', 'b'\]"):
         EvalJob.from_params(params, data=["da"], tokenizer="t", vision="v", out_dir=tmp_path)
     with pytest.raises(ValueError, match="missing key 'seed'"):
@@ -314,7 +315,7 @@ def test_corpus_metrics_carry_their_image_resamples(untrained):
 
 def test_the_runs_text_format_lays_out_the_scored_text(world, tmp_path):
     # grounding_gap scores the run's training text in its format: instructions change it
-    fmt = TextFormat(("What objects are in the picture?",), "A photo of")
+    fmt = TextFormat(Prompt(("What objects are in the picture?",), "A photo of"))
     plain, instructed = (
         {r["metric"]: r["value"] for r in _eval(world, tmp_path / name, task="none",
                                                  text_kind="captions", text_format=f)["records"]}

@@ -413,7 +413,8 @@ def test_paper_recipe_has_table6_full_shot_pathvqa_and_single_ablation_baselines
     full_shot = stages[runs["coco_full_shot_s0"].stages[-1]].settings
     assert full_shot["dataset"] == "coco_karpathy"
     # trained and evaluated with the short-caption prompt (the last stage's format)
-    assert full_shot["task_prompt"] == "Provide a one-sentence caption for the provided image."
+    short = "Provide a one-sentence caption for the provided image."
+    assert full_shot["prompts"] == {"caption": {"task": short}}
     assert TextFormat.from_settings(full_shot) != PLAIN
     assert runs["pathvqa_s0"].stages[:-1] == runs["align4_s0"].stages
     assert runs["pathvqa_s0"].eval_datasets == ["pathvqa"]

@@ -11,6 +11,7 @@ from vlalign.config import ConfigError
 from vlalign.data.text_formats import (
     IGNORE_INDEX,
     PLAIN,
+    Prompt,
     TextFormat,
     caption_prompt,
     caption_target,
@@ -49,8 +50,8 @@ def test_plain_format_is_the_historic_layout(tok) -> None:
 
 def test_instructions_stand_before_the_caption_and_are_never_targets(tok) -> None:
     ids = vlm_token_ids(tok)
-    fmt = TextFormat(INSTRUCTIONS, "A photo of")
-    input_ids, labels = fmt.caption(tok, "a red circle")
+    fmt = TextFormat(caption=Prompt(INSTRUCTIONS, "A photo of"))
+    input_ids, labels = fmt.caption_ids(tok, "a red circle")
     prefix = [ids["bos"]]
     for text in (*INSTRUCTIONS, "A photo of"):
         prefix += [ids["inst"], *encode_text(tok, text)]
@@ -61,15 +62,17 @@ def test_instructions_stand_before_the_caption_and_are_never_targets(tok) -> Non
     # generation is prompted with exactly the training prefix
     assert caption_prompt(tok, fmt) == prefix
     # a task prompt alone (seed 002's short-caption prompt)
-    short = TextFormat(task_prompt="Provide a one-sentence caption for the provided image.")
+    short = TextFormat(Prompt(task="Provide a one-sentence caption for the provided image."))
     assert short.caption_prefix(tok)[:2] == [ids["bos"], ids["inst"]]
     assert short.caption_prefix(tok)[-1] == ids["ans"]
-    assert short.caption(tok, "x")[0] != PLAIN.caption(tok, "x")[0]
+    assert short.caption_ids(tok, "x")[0] != PLAIN.caption_ids(tok, "x")[0]
+    # the caption prompt leaves questions plain, and the other way round
+    assert short.vqa_prompt(tok, "what?") == PLAIN.vqa_prompt(tok, "what?")
 
 
 def test_qa_template_and_instructions_before_the_first_question_only(tok, world) -> None:
     ids = vlm_token_ids(tok)
-    fmt = TextFormat(INSTRUCTIONS[:1], "Question: {question} Short answer:")
+    fmt = TextFormat(qa=Prompt(INSTRUCTIONS[:1], "Question: {question} Short answer:"))
     turns = qa_turns(world["train"][0]["qa"][:2])
     input_ids, labels = conversation_ids(tok, turns, fmt)
     q1 = turns[0]["value"]
@@ -81,6 +84,7 @@ def test_qa_template_and_instructions_before_the_first_question_only(tok, world)
     answer = [*encode_text(tok, turns[1]["value"]), ids["eos"]]
     assert labels[len(first): len(first) + len(answer)] == answer
     assert set(labels[: len(first)]) == {IGNORE_INDEX}
+    assert fmt.caption_prefix(tok) == caption_prompt(tok)  # captions stay plain
 
 
 def _stage(**kw):
@@ -88,17 +92,47 @@ def _stage(**kw):
 
 
 def test_stage_settings_carry_the_format_and_refuse_what_a_kind_cannot_take() -> None:
-    settings, _ = resolve({}, _stage(instructions=list(INSTRUCTIONS), task_prompt="A photo of"))
-    assert TextFormat.from_settings(settings) == TextFormat(INSTRUCTIONS, "A photo of")
+    prompts = {"caption": {"instructions": list(INSTRUCTIONS), "task": "A photo of"},
+               "qa": {"task": "Question: {question} Short answer:"}}
+    settings, _ = resolve({}, _stage(prompts=prompts))
+    assert TextFormat.from_settings(settings) == TextFormat(
+        Prompt(INSTRUCTIONS, "A photo of"), Prompt(task="Question: {question} Short answer:"))
     assert TextFormat.from_settings(resolve({}, _stage())[0]) == PLAIN
     with pytest.raises(ConfigError, match=r"stages\.s: .*conversation brings its own"):
-        resolve({}, _stage(text="conversations", instructions=["x"]), where="stages.s")
+        resolve({}, _stage(text="conversations", prompts={"qa": {"instructions": ["x"]}}),
+                where="stages.s")
     with pytest.raises(ConfigError, match=r"needs \{question\}"):
-        resolve({}, _stage(text="qa", task_prompt="Short answer:"), where="stages.s")
-    with pytest.raises(ConfigError, match=r"caption stage has no \{question\}"):
-        resolve({}, _stage(task_prompt="Q: {question}"), where="stages.s")
-    with pytest.raises(ConfigError, match=r"instructions"):
-        resolve({}, _stage(instructions=[""]), where="stages.s")
+        resolve({}, _stage(text="qa", prompts={"qa": {"task": "Short answer:"}}), where="s")
+    with pytest.raises(ConfigError, match=r"a caption has no \{question\}"):
+        resolve({}, _stage(prompts={"caption": {"task": "Q: {question}"}}), where="s")
+    with pytest.raises(ConfigError, match=r"prompts"):
+        resolve({}, _stage(prompts={"caption": {"instructions": [""]}}), where="s")
+    with pytest.raises(ConfigError, match=r"prompts"):
+        resolve({}, _stage(prompts={"captions": {}}), where="s")
+
+
+def test_captions_qa_alternates_caption_and_qa_per_image_and_epoch(tok, world) -> None:
+    from vlalign.train.data import StageExamples
+
+    fmt = TextFormat(Prompt(task="A photo of"), Prompt(task="Question: {question} Answer:"))
+    split = world["train"]
+    ex = StageExamples(split, tok, "captions_qa", 256, processor=object(), text_format=fmt)
+    ids = vlm_token_ids(tok)
+
+    def kinds() -> list[str]:
+        # a caption target ends with one <eos>; a QA conversation has one per answer
+        return ["qa" if ex.token_ids(i)[0].count(ids["eos"]) > 1 else "caption"
+                for i in range(len(ex))]
+
+    first = kinds()
+    assert first == ["caption" if i % 2 == 0 else "qa" for i in range(len(ex))]
+    ex.set_epoch(1)
+    assert kinds() == ["qa" if k == "caption" else "caption" for k in first]
+    caption_ids, _ = ex.token_ids(1)  # epoch 1: image 1 gets a caption, in the caption format
+    assert caption_ids[: len(fmt.caption_prefix(tok))] == fmt.caption_prefix(tok)
+    qa_ids, _ = ex.token_ids(0)
+    assert qa_ids[: len(fmt.vqa_prompt(tok, split[0]["qa"][0]["question"]))] == fmt.vqa_prompt(
+        tok, split[0]["qa"][0]["question"])
 
 
 def test_max_train_samples_is_exact_per_seed_and_exclusive_with_data_fraction() -> None:

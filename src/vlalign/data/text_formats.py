@@ -10,16 +10,17 @@ so every text sequence starts right after the image with one ``<bos>``.
 Generation prompts are the prefixes up to where the model has to continue: ``[<bos>]`` for a
 caption, ``[<bos>, <inst>, *question, <ans>]`` for a VQA answer.
 
-A stage may put instructions before its target (:class:`TextFormat`, the stage keys
-``instructions`` and ``task_prompt``), e.g. PETAL's stacked instructions (seed 001 Table 7)::
+A stage may put instructions before its targets (:class:`TextFormat`, the stage key
+``prompts``: one :class:`Prompt` for captions, one for QA), e.g. PETAL's stacked instructions
+(seed 001 Table 7)::
 
     <bos> <inst> What objects are in the picture? <inst> ... <inst> A photo of <ans> caption <eos>
 
 or seed 002's short-caption prompt of the COCO full-shot stage
 (``<bos> <inst> Provide a one-sentence caption for the provided image. <ans> caption <eos>``).
-For QA the ``task_prompt`` is a template of the question (``"Question: {question} Short
-answer:"``) and the instructions stand before the first question only. Evaluation prompts with
-the format of the run's last stage, so a model is asked as it was trained.
+A QA prompt's ``task`` is a template of the question (``"Question: {question} Short answer:"``)
+and its instructions stand before the first question only. Evaluation prompts captions and VQA
+questions with the format of the run's last stage, so a model is asked as it was trained.
 """
 
 from __future__ import annotations
@@ -57,40 +58,24 @@ def decode_text(tok: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
 
 
 @dataclass(frozen=True)
-class TextFormat:
-    """The instructions a stage puts before its targets (the module doc). The default format
-    (no instructions, no task prompt) is the plain one: ``<bos> caption <eos>``."""
+class Prompt:
+    """Instructions stacked before one task's targets, each behind ``<inst>``, then the task
+    instruction ``task`` (a QA template holds ``{question}``). Empty: the plain format."""
 
     instructions: tuple[str, ...] = ()
-    task_prompt: str | None = None
+    task: str | None = None
 
     @classmethod
-    def from_settings(cls, settings: Mapping[str, Any]) -> TextFormat:
-        """From a stage's settings (``instructions``, ``task_prompt``; absent = plain)."""
-        return cls(tuple(settings.get("instructions") or ()), settings.get("task_prompt"))
+    def from_dict(cls, d: Mapping[str, Any] | None) -> Prompt:
+        d = d or {}
+        return cls(tuple(d.get("instructions") or ()), d.get("task"))
 
-    def check(self, text_kind: str) -> None:
-        """ValueError if this format cannot lay out ``text_kind``."""
-        if self.instructions and any(not str(i).strip() for i in self.instructions):
-            raise ValueError("instructions: an instruction is empty")
-        prompt = self.task_prompt
-        if text_kind == "conversations" and (self.instructions or prompt is not None):
-            raise ValueError(
-                "instructions / task_prompt: a conversation brings its own questions; set "
-                "them for text recaption, captions or qa only"
-            )
-        if text_kind == "qa" and prompt is not None and QUESTION_FIELD not in prompt:
-            raise ValueError(
-                f"task_prompt {prompt!r}: a qa stage's task prompt is a template of the "
-                f"question and needs {QUESTION_FIELD}"
-            )
-        if text_kind in ("recaption", "captions") and prompt is not None and (
-            QUESTION_FIELD in prompt
-        ):
-            raise ValueError(f"task_prompt {prompt!r}: a caption stage has no {QUESTION_FIELD}")
+    @property
+    def plain(self) -> bool:
+        return not self.instructions and self.task is None
 
-    def _block(self, tok: PreTrainedTokenizerBase, task: str | None, first: bool) -> list[int]:
-        """``[<inst> instruction]* [<inst> task] <ans>`` ([] for a plain caption)."""
+    def block(self, tok: PreTrainedTokenizerBase, task: str | None, first: bool) -> list[int]:
+        """``[<inst> instruction]* [<inst> task] <ans>`` ([] when there is neither)."""
         ids = vlm_token_ids(tok)
         out: list[int] = []
         for text in self.instructions if first else ():
@@ -99,21 +84,61 @@ class TextFormat:
             out += [ids["inst"], *encode_text(tok, task)]
         return [*out, ids["ans"]] if out else []
 
+
+@dataclass(frozen=True)
+class TextFormat:
+    """A stage's prompts (the module doc): ``caption`` lays out recaptions and captions,
+    ``qa`` the questions of QA pairs; the default (both plain) is ``<bos> caption <eos>`` and
+    ``<inst> question <ans> answer <eos>``."""
+
+    caption: Prompt = Prompt()
+    qa: Prompt = Prompt()
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> TextFormat:
+        """From a stage's settings (its ``prompts``: ``{caption: {instructions, task}, qa:
+        ...}``; absent = plain)."""
+        prompts = settings.get("prompts") or {}
+        return cls(Prompt.from_dict(prompts.get("caption")), Prompt.from_dict(prompts.get("qa")))
+
+    def check(self, text_kind: str) -> None:
+        """ValueError if this format cannot lay out ``text_kind``."""
+        for side, prompt in (("caption", self.caption), ("qa", self.qa)):
+            if any(not str(i).strip() for i in prompt.instructions):
+                raise ValueError(f"prompts.{side}.instructions: an instruction is empty")
+        if text_kind == "conversations" and not (self.caption.plain and self.qa.plain):
+            raise ValueError(
+                "prompts: a conversation brings its own questions; set prompts for text "
+                "recaption, captions, qa or captions_qa"
+            )
+        if self.qa.task is not None and QUESTION_FIELD not in self.qa.task:
+            raise ValueError(
+                f"prompts.qa.task {self.qa.task!r}: a QA task prompt is a template of the "
+                f"question and needs {QUESTION_FIELD}"
+            )
+        if self.caption.task is not None and QUESTION_FIELD in self.caption.task:
+            raise ValueError(
+                f"prompts.caption.task {self.caption.task!r}: a caption has no {QUESTION_FIELD}"
+            )
+
     def caption_prefix(self, tok: PreTrainedTokenizerBase) -> list[int]:
         """Generation prompt of a caption: ``[<bos>, *instructions, <ans>]`` (plain:
         ``[<bos>]``)."""
-        return [vlm_token_ids(tok)["bos"], *self._block(tok, self.task_prompt, first=True)]
+        prompt = self.caption
+        return [vlm_token_ids(tok)["bos"], *prompt.block(tok, prompt.task, first=True)]
 
     def question(
         self, tok: PreTrainedTokenizerBase, question: str, first: bool = True
     ) -> list[int]:
-        """A question's block ``[<inst> instruction]* <inst> task_prompt(question) <ans>``
+        """A question's block ``[<inst> instruction]* <inst> task(question) <ans>``
         (instructions before the ``first`` question only)."""
         q = _strip_image(question)
-        task = q if self.task_prompt is None else self.task_prompt.replace(QUESTION_FIELD, q)
-        return self._block(tok, task, first)
+        task = q if self.qa.task is None else self.qa.task.replace(QUESTION_FIELD, q)
+        return self.qa.block(tok, task, first)
 
-    def caption(self, tok: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[int]]:
+    def caption_ids(
+        self, tok: PreTrainedTokenizerBase, text: str
+    ) -> tuple[list[int], list[int]]:
         """``(input_ids, labels)`` of ``prefix text <eos>``; the prefix (``<bos>`` and the
         instructions: the prompt at generation time) is not a target."""
         prefix = self.caption_prefix(tok)
@@ -143,7 +168,7 @@ def caption_target(
 ) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` of ``<bos> text <eos>`` (plain format); ``<bos>`` is not a
     target (it is the prompt at generation time)."""
-    return fmt.caption(tok, text)
+    return fmt.caption_ids(tok, text)
 
 
 def _strip_image(text: str) -> str:

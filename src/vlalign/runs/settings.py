@@ -40,8 +40,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "gradient_checkpointing": False,
     "data_fraction": 1.0,
     "max_train_samples": None,  # None: every row (or data_fraction's share)
-    "instructions": [],  # vlalign.data.text_formats.TextFormat: none, the plain format
-    "task_prompt": None,
+    # vlalign.data.text_formats.TextFormat: {caption: {instructions, task}, qa: {...}}; none:
+    # the plain format
+    "prompts": {},
     "mask": "prefix",
     "noise": 0.0,
     "peft": None,
@@ -151,8 +152,7 @@ class StageSettings(Mapping[str, Any]):
     gradient_checkpointing: bool
     data_fraction: float
     max_train_samples: int | None
-    instructions: list[str]
-    task_prompt: str | None
+    prompts: Mapping[str, Any]
     peft: tuple[MethodSettings, ...]
     _plain: dict[str, Any] = field(init=False, repr=False, compare=False)
 

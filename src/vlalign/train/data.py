@@ -14,7 +14,9 @@ from torch.utils.data import Dataset
 from vlalign.data.text_formats import PLAIN, TextFormat, conversation_ids, qa_turns
 from vlalign.train.features import FeatureCache
 
-TEXT_KINDS = ("recaption", "captions", "conversations", "qa")
+TEXT_KINDS = ("recaption", "captions", "conversations", "qa", "captions_qa")
+# kinds whose text for a row changes with the epoch (the caption chosen; caption or QA)
+EPOCH_KINDS = ("captions", "captions_qa")
 
 
 CACHE_ROWS = 100_000  # splits up to this size keep their token ids in memory
@@ -25,9 +27,11 @@ class StageExamples(Dataset):
 
     ``captions`` picks one human caption per image and epoch (``set_epoch``), so an epoch sees
     each image once whatever the text kind: recaption and human-caption runs see the same images.
+    ``captions_qa`` (multi-task: PETAL's captioning and VQA instructions in one stage) gives
+    each image a human caption in one epoch and its QA pairs in the next, half of the images
+    each way in every epoch.
     Images come from a frozen-feature cache when given, else through the image processor.
-    ``text_format``: the instructions before each target (the stage's ``instructions`` /
-    ``task_prompt``).
+    ``text_format``: the instructions before each target (the stage's ``prompts``).
     """
 
     def __init__(
@@ -76,7 +80,7 @@ class StageExamples(Dataset):
     def token_ids(self, i: int) -> tuple[list[int], list[int]]:
         if self._ids is None:
             return self._token_ids(i)
-        key = (i, self.epoch if self.text == "captions" else 0)
+        key = (i, self.epoch if self.text in EPOCH_KINDS else 0)
         if key not in self._ids:
             self._ids[key] = self._token_ids(i)
         return self._ids[key]
@@ -86,12 +90,13 @@ class StageExamples(Dataset):
         if self.text == "recaption":
             if not row["recaption"]:
                 raise ValueError(f"{self.name}: image {row['image_id']} has no recaption")
-            ids, labels = self.format.caption(self.tok, row["recaption"])
-        elif self.text == "captions":
+            ids, labels = self.format.caption_ids(self.tok, row["recaption"])
+        elif self.text == "captions" or (self.text == "captions_qa" and (i + self.epoch) % 2 == 0):
             caps = row["captions"]
             if not caps:
                 raise ValueError(f"{self.name}: image {row['image_id']} has no captions")
-            ids, labels = self.format.caption(self.tok, caps[(i + self.epoch) % len(caps)])
+            turn = i + self.epoch if self.text == "captions" else (i + self.epoch) // 2
+            ids, labels = self.format.caption_ids(self.tok, caps[turn % len(caps)])
         elif self.text == "conversations":
             turns = row["conversations"]
             if not turns:
