@@ -106,7 +106,8 @@ def test_every_stage_trained_once_and_shared(dag: Dag, cfg: dict) -> None:
     align_stage1 = dag.runs["align_s0"].stages[1]
     assert dag.stages[align_stage1].name == "stage1"
     expected = {f"{r}_s{s}" for r, spec in cfg["runs"].items() for s in spec["seeds"]}
-    expected |= {"prefix_len-num_prefix2_s0", "prefix_len-num_prefix16_s0"}
+    expected |= {"prefix_len-num_prefix2_s0", "prefix_len-num_prefix16_s0",
+                 "petal_few_shot-max_train_samples8_s0"}
     assert set(dag.runs) == expected
     # the grid cell equal to prefix_lora_s0 is the same stages (trained once), another run
     assert dag.runs["prefix_len-num_prefix16_s0"].stages == dag.runs["prefix_lora_s0"].stages
@@ -249,6 +250,32 @@ def test_results_db(dag: Dag) -> None:
     assert missing - {"SPICE"} <= {*ATTR_METRICS, *OBJECT_METRICS}, missing
 
 
+def test_petal_cells_train_both_tasks_and_log_their_terms(dag: Dag) -> None:
+    # PETAL (seed 001): one model per cell scored on captions and VQA, behind its prompts; the
+    # information bottleneck's KL term logged per step, in the stage log and the database
+    db = dag.results / "results.duckdb"
+    metrics = {r["metric"] for r in _metrics(dag, "petal_s0")["records"]}
+    assert {"CIDEr", "ROUGE1_F", "ROUGEL_R", "VQA_acc", "grounding_gap"} <= metrics
+    assert {"dma.lambda_gap", "dma.gamma_abs_dev"} <= metrics  # the methods' diagnostics
+    stage = dag.runs["petal_s0"].stages[-1]
+    with (dag.results / "stages" / stage / "train_log.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(float(r["info_bottleneck.kl"]) > 0 for r in rows)
+    terms = query(db, "SELECT term, count(*) AS n, min(value) AS lo FROM train_log_terms "
+                      "WHERE run = 'petal_s0' GROUP BY term")  # fmt: skip
+    assert terms["term"].tolist() == ["info_bottleneck.kl"] and terms["n"][0] == len(rows)
+    assert query(db, "SELECT count(*) AS n FROM train_log_terms WHERE run = 'petal_lora64_s0'"
+                 )["n"][0] == 0  # LoRA adds no term
+    # the few-shot cell trained on exactly its 8 samples
+    few = dag.runs["petal_few_shot-max_train_samples8_s0"].stages[-1]
+    assert json.loads((dag.results / "stages" / few / "stage.json").read_text())[
+        "train_samples"] == 8
+    # the trainable share differs between PETAL and LoRA (a table of identical columns is void)
+    pct = {r: next(x["value"] for x in _metrics(dag, r)["records"]
+                   if x["metric"] == "trainable_pct") for r in ("petal_s0", "petal_lora64_s0")}
+    assert pct["petal_s0"] != pct["petal_lora64_s0"]
+
+
 def test_reingest_keeps_counts(dag: Dag, tmp_path: Path) -> None:
     db = tmp_path / "again.duckdb"
     shutil.copy(dag.results / "results.duckdb", db)
@@ -281,8 +308,12 @@ def test_every_table_rendered(dag: Dag) -> None:
     assert {"prefix_lora", "prefix_len-num_prefix2", "prefix_len-num_prefix16"} <= methods
     # the sweep's cells, one row per prefix length (the cell equal to prefix_lora included)
     assert sorted(int(r["prefix_length"]) for r in rows("ablation_prefix_length")) == [2, 16]
-    # named runs only, at the default prefix length 16
+    # named runs only, at the default prefix length 16; a study's runs (PETAL) have their own
     assert [next(iter(r.values())) for r in rows("ablation_order")] == ["prefix_lora"]
+    assert "petal" not in methods and "petal_lora64" not in methods
+    assert [r["method"] for r in rows("petal_ablation")] == ["petal", "petal_lora64"]
+    assert [(r["shots"], r["method"]) for r in rows("petal_few_shot")] == [
+        ("8", "petal"), ("all", "petal"), ("all", "lora64")]
     assert list((dag.results / "plots").glob("*.png"))
 
 
