@@ -399,3 +399,41 @@ def test_auxiliary_loss_terms_are_logged_per_step(assets, tmp_path):
     rows = [row, train_step(session, 1)]
     assert log_columns(rows)[-2:] == ["toy.reg", "toy.const"]
     assert _csv(rows).splitlines()[0].endswith(",toy.reg,toy.const")
+
+
+def test_warmup_steps_override_the_ratio():
+    p = torch.nn.Parameter(torch.zeros(2, 2))
+    groups = [{"params": [p], "lr": 2e-3, "weight_decay": 0.0}]
+    settings = StageSettings.from_dict(
+        stage_settings(warmup_ratio=0.25, warmup_steps=5, schedule="cosine")
+    )
+    optimizer, scheduler = build_optimizer(groups, settings, total=8)
+    seen = []
+    for _ in range(8):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen[5] == pytest.approx(2e-3) and seen[4] < seen[5]  # 5 steps, not round(0.25 * 8)
+
+
+def test_a_dataset_without_val_rows_records_no_heldout_loss(assets, tmp_path):
+    # TextCaps, A-OKVQA and TextVQA publish no labelled val split: missing, never 0
+    from datasets import Dataset, DatasetDict
+
+    from vlalign.data.schema import FEATURES
+    from vlalign.data.sources import save_dataset
+
+    dsd = load_from_disk(str(assets.data["world"]))
+    data = tmp_path / "world_no_val"
+    empty = Dataset.from_dict({k: [] for k in FEATURES}, features=FEATURES)  # as sources writes
+    save_dataset(DatasetDict({**dsd, "val": empty}), data)
+    assert len(load_from_disk(str(data))["val"]) == 0  # an empty split loads again
+    paths = stage_paths(assets, tmp_path, "s")
+    paths.data = data
+    from vlalign.methods.stage import peft_hook
+    from vlalign.train.loop import train_stage
+
+    result = train_stage(stage_settings(max_steps=1), paths, name="s", stage_hash="h", seed=0,
+                         peft_hook=peft_hook)
+    assert result["heldout_loss"] is None
+    assert json.loads((paths.out / "stage.json").read_text())["heldout_loss"] is None

@@ -745,8 +745,11 @@ def save_dataset(dsd: DatasetDict, path: str | Path) -> None:
         if ds.features != FEATURES:
             raise SourceError(f"save_dataset({path}): split {s} has features {ds.features}, "
                               f"expected the schema FEATURES")
+    # an empty split (e.g. TextCaps' val) saved without a shard cannot be loaded again by
+    # datasets 5.2 (load_from_disk: IndexError in concat_tables): give it one empty shard
+    empty = {s: 1 for s, ds in dsd.items() if len(ds) == 0}
     with atomic_path(path, is_dir=True) as tmp:
-        dsd.save_to_disk(str(tmp))
+        dsd.save_to_disk(str(tmp), num_shards=empty or None)
 
 
 __all__ = ["PRESETS", "Preset", "SourceError", "load_report", "load_source", "save_dataset"]

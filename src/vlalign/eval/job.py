@@ -90,7 +90,12 @@ class LoadedStage:
         missing = [k for k in keys if k not in info]
         if missing:
             raise ValueError(f"{self.dir / 'stage.json'}: missing keys {missing}")
-        out = [{"metric": k, "value": info[s]} for k, s in zip(STAGE_RECORD_KEYS, keys)]
+        # a value of None (no val rows: no held-out loss) is no record: missing, never 0
+        out = [
+            {"metric": k, "value": info[s]}
+            for k, s in zip(STAGE_RECORD_KEYS, keys)
+            if info[s] is not None
+        ]
         if self.session is not None:
             out += [{"metric": k, "value": v} for k, v in self.session.extra_metrics().items()]
         return out

@@ -3,8 +3,8 @@
 PETAL Eq. 2: ``H^m = Γ W₀ X^m + (Σ_{r=1..R} λ_r^m (u_r ∘ v_r ∘ p_r)) X^m`` — a CP decomposition
 of the stacked weight updates with factors U, V, P shared by the modalities, a coefficient
 vector ``λ^m ∈ R^R`` per modality m and a learnable "threshold" Γ on the frozen weight. U and P
-are Gaussian, V is zero (ΔW = 0 at init), R = 64. Resolutions (choices, see
-``/work/shared/notes/klaft-petal-reading.md``):
+are Gaussian, V is zero (ΔW = 0 at init), R = 64. Resolutions (choices; docs/petal.md lists
+them all):
 
 - **Third CP mode = the stacked target matrices.** The J target matrices of one weight shape
   ``(d_out, d_in)`` (by default ``q/k/v/o_proj`` of every layer; under GQA q/o and k/v form two

@@ -4,7 +4,7 @@ The paper: normalised attention weights ``α_i = softmax(H_iᵀ H_j)`` (Eq. 5) p
 into ``Ĥ = Σ_i α_i H_i``, on which an information-bottleneck objective ``max I(Z;Y) − η I(Z;X)``
 (Eq. 6, with the mutual informations of Eq. 7–8) gives ``L_IB`` (Eq. 9), optimised together with
 the task cross-entropy. H, the estimator of both mutual informations, η and how Z reaches the
-model are not given. Resolutions used here (after ``shared/notes/klaft-petal-reading.md``),
+model are not given. Resolutions used here (docs/petal.md lists them all),
 each an **assumption**:
 
 - *H* (assumption): this project has no Q-Former; H ``(B, N, d)`` are the projected image tokens

@@ -7,7 +7,7 @@ PETAL Eq. 3–4: K experts, each an elementwise affine map of the instruction re
     I_in = Σ_k g_k y_k
 
 with the enhanced instruction ``I_in`` replacing x. Choices where the paper is open (the
-reading notes, ``shared/notes/klaft-petal-reading.md``, give the first ones):
+first ones are this project's reading of the paper, docs/petal.md lists them all):
 
 - *x* (assumption): the LM's input embeddings of the instruction tokens. The method hooks the
   LM's input embedding module (``lm.get_input_embeddings()``), which sees the token ids, and

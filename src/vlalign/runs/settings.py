@@ -33,6 +33,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "optimizer": {"betas": [0.9, 0.999], "weight_decay": 0.01, "eps": 1e-8},
     "schedule": "cosine",
     "warmup_ratio": 0.03,
+    "warmup_steps": None,  # a count of steps; None: warmup_ratio's share
     "min_lr": 1e-8,
     "max_grad_norm": 1.0,  # None: no clipping
     "max_length": 256,
@@ -145,6 +146,7 @@ class StageSettings(Mapping[str, Any]):
     optimizer: OptimizerSettings
     schedule: str
     warmup_ratio: float
+    warmup_steps: int | None
     min_lr: float
     max_grad_norm: float | None
     max_length: int

@@ -567,6 +567,24 @@ def write_checkpoint(session: StageSession, done: int, rows: list[dict]) -> None
     session.accelerator.wait_for_everyone()
 
 
+def heldout_examples(session: StageSession) -> StageExamples | None:
+    """The stage dataset's val split, or None (with a warning) when it has no rows: some
+    hub datasets publish no labelled val split (TextCaps, A-OKVQA, TextVQA), and their
+    held-out loss is then missing rather than 0."""
+    dsd = load_from_disk(str(session.paths.data))
+    if "val" not in dsd or len(dsd["val"]) == 0:
+        log.warning(
+            "stage %s: dataset %s has no val rows (%s): no held-out loss",
+            session.name,
+            session.settings.dataset,
+            session.paths.data,
+        )
+        return None
+    return stage_examples(
+        session.paths, "val", session.settings, session.tokenizer, session.processor
+    )
+
+
 def finish(session: StageSession, rows: list[dict]) -> dict[str, Any]:
     """Held-out loss, then ``paths.out`` (model/, peft/, train_log.csv, stage.json) written
     atomically and the checkpoint removed; → the stage.json dict ({} off the main process)."""
@@ -574,7 +592,7 @@ def finish(session: StageSession, rows: list[dict]) -> dict[str, Any]:
     unwrapped = session.unwrapped
     result: dict[str, Any] = {}
     if acc.is_main_process:
-        val = stage_examples(paths, "val", session.settings, session.tokenizer, session.processor)
+        val = heldout_examples(session)
         total = session.steps.total
         result = {
             "name": session.name,
@@ -585,7 +603,10 @@ def finish(session: StageSession, rows: list[dict]) -> dict[str, Any]:
             "steps": total,
             "epochs": total / session.steps.steps_per_epoch,
             "train_samples": len(session.subset),
-            "heldout_loss": heldout_loss(unwrapped, val, session.pad_id, peft=peft),
+            # None (recorded as missing, never 0) when the dataset has no val rows
+            "heldout_loss": (
+                heldout_loss(unwrapped, val, session.pad_id, peft=peft) if val else None
+            ),
             "trainable_params": session.n_trainable,
             "trainable_pct": session.trainable_pct,
             "peft": sorted(m.name for m in peft.methods) if peft else [],
@@ -609,11 +630,11 @@ def finish(session: StageSession, rows: list[dict]) -> dict[str, Any]:
             write_json_atomic(tmp / "stage.json", result)
         shutil.rmtree(paths.checkpoint_dir, ignore_errors=True)
         log.info(
-            "stage %s [%s]: %d steps, held-out loss %.4f -> %s",
+            "stage %s [%s]: %d steps, held-out loss %s -> %s",
             session.name,
             session.stage_hash,
             total,
-            result["heldout_loss"],
+            "missing" if result["heldout_loss"] is None else f"{result['heldout_loss']:.4f}",
             paths.out,
         )
     acc.wait_for_everyone()

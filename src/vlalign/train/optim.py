@@ -89,7 +89,9 @@ def build_optimizer(
     """AdamW over ``groups`` and the stage's warm-up + schedule over ``total`` steps."""
     opt = settings.optimizer
     optimizer = torch.optim.AdamW(groups, betas=opt.betas, eps=opt.eps)
-    warmup = round(settings.warmup_ratio * total)
+    # warmup_steps (a count, e.g. PETAL's 1,000) overrides warmup_ratio (a share of the steps)
+    steps = settings.warmup_steps
+    warmup = min(steps, total) if steps is not None else round(settings.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambdas(groups, settings.schedule, total, warmup, settings.min_lr)
     )
