@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -196,20 +197,25 @@ def test_lr_lambdas_warmup_then_cosine_to_min_lr():
     assert [const(s) for s in range(warmup, total + 1)] == [1.0] * (total - warmup + 1)
 
 
-def test_scheduler_reaches_min_lr_after_total_steps():
+def _lrs_of_8_steps(**settings: Any) -> tuple[list[float], float]:
+    """The LR of each of 8 optimizer steps at base LR 2e-3, and the LR after them."""
     p = torch.nn.Parameter(torch.zeros(2, 2))
     groups = [{"params": [p], "lr": 2e-3, "weight_decay": 0.0}]
-    settings = StageSettings.from_dict(
-        stage_settings(warmup_ratio=0.25, min_lr=1e-7, schedule="cosine")
+    optimizer, scheduler = build_optimizer(
+        groups, StageSettings.from_dict(stage_settings(schedule="cosine", **settings)), total=8
     )
-    optimizer, scheduler = build_optimizer(groups, settings, total=8)
     seen = []
     for _ in range(8):
         seen.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
+    return seen, optimizer.param_groups[0]["lr"]
+
+
+def test_scheduler_reaches_min_lr_after_total_steps():
+    seen, last = _lrs_of_8_steps(warmup_ratio=0.25, min_lr=1e-7)
     assert seen[2] == pytest.approx(2e-3)  # warm-up of round(0.25 * 8) = 2 steps
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-7)
+    assert last == pytest.approx(1e-7)
 
 
 def test_train_log_lr_column_follows_the_schedule(assets, tmp_path):
@@ -402,17 +408,7 @@ def test_auxiliary_loss_terms_are_logged_per_step(assets, tmp_path):
 
 
 def test_warmup_steps_override_the_ratio():
-    p = torch.nn.Parameter(torch.zeros(2, 2))
-    groups = [{"params": [p], "lr": 2e-3, "weight_decay": 0.0}]
-    settings = StageSettings.from_dict(
-        stage_settings(warmup_ratio=0.25, warmup_steps=5, schedule="cosine")
-    )
-    optimizer, scheduler = build_optimizer(groups, settings, total=8)
-    seen = []
-    for _ in range(8):
-        seen.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
+    seen, _ = _lrs_of_8_steps(warmup_ratio=0.25, warmup_steps=5)
     assert seen[5] == pytest.approx(2e-3) and seen[4] < seen[5]  # 5 steps, not round(0.25 * 8)
 
 
