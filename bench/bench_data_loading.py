@@ -100,7 +100,9 @@ def stage_rate(settings: dict, paths: StagePaths, skip: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ packing
 def micro_batches(ex: StageExamples, micro: int, n: int) -> list[dict[str, torch.Tensor]]:
     order = epoch_order(0, 0, list(range(len(ex))))[: micro * n]
-    return [collate([ex[i] for i in order[j : j + micro]], ex.tok.pad_token_id) for j in range(0, len(order), micro)]  # fmt: skip
+    pad = ex.tok.pad_token_id
+    chunks = [order[j : j + micro] for j in range(0, len(order), micro)]
+    return [collate([ex[i] for i in chunk], pad) for chunk in chunks]
 
 
 def long_tailed(batches: list[dict], max_length: int, vocab: int, seed: int = 0) -> list[dict]:
