@@ -215,6 +215,7 @@ class PrefixMethod(PeftMethod):
     keeps AdamW state consistent; the parameters stay the same objects). Inference variants of
     seed 003 Table 5: ``removed``, ``noise`` (:func:`prefix_variant`)."""
 
+    kv_prefix = True  # its K/V prefix is not supported on packed rows (train.packing)
     defaults = {
         "num_prefix": 16,
         "embed_dim": None,  # None → LM hidden size

@@ -210,6 +210,9 @@ class PeftMethod:
     # the config key a ``budget:`` sizes (LoRA ``r``, an adapter's ``bottleneck_size``, the
     # prefix encoder's width); None: the method takes no budget
     budget_key: ClassVar[str | None] = None
+    # True if the training forward gets a K/V prefix (``past_key_values``): such a method
+    # cannot train on packed rows (``train.packing``), refused when the plan is built
+    kv_prefix: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.cfg: dict[str, Any] = {}

@@ -75,12 +75,7 @@ def build_attention_mask(
             f"inputs_embeds {tuple(inputs_embeds.shape)} does not match attention_mask_2d "
             f"{tuple(attention_mask_2d.shape)} in (B, L)"
         )
-    layer_types = set(getattr(lm_config, "layer_types", None) or ["full_attention"])
-    if layer_types != {"full_attention"}:
-        raise NotImplementedError(
-            f"LM layer types {sorted(layer_types)}: only full-attention LMs are supported "
-            "(sliding-window layers would need a per-layer-type mask dict)"
-        )
+    _check_full_attention(lm_config)
 
     batch = attention_mask_2d.shape[0]
     p = prefix_length(past_key_values)
@@ -105,6 +100,60 @@ def build_attention_mask(
         attention_mask=mask2d,
         past_key_values=past_key_values if p else None,
         block_sequence_ids=None if mode == "causal" else block,
+        allow_is_causal_skip=False,
+    )
+
+
+def _check_full_attention(lm_config) -> None:
+    layer_types = set(getattr(lm_config, "layer_types", None) or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        raise NotImplementedError(
+            f"LM layer types {sorted(layer_types)}: only full-attention LMs are supported "
+            "(sliding-window layers would need a per-layer-type mask dict)"
+        )
+
+
+def build_packed_attention_mask(
+    lm_config,
+    inputs_embeds: torch.Tensor,
+    segment: torch.Tensor,
+    is_image: torch.Tensor,
+    position_ids: torch.Tensor,
+    mode: str,
+) -> torch.Tensor:
+    """The 4D ``attention_mask=`` of packed rows (:mod:`vlalign.models.packing`): ``mode``
+    inside each segment, nothing across segments.
+
+    ``segment`` ``(R, C)``: the sample of each position (-1 = row padding); ``position_ids``
+    restart at 0 at each segment and at the row padding. Built by ``create_causal_mask`` as the
+    padded masks are (so the mask type follows ``attn_implementation``): without a 2D mask it
+    detects the segments from ``position_ids`` (HF's packed-sequence path: causal within a
+    segment, never across), and ``block_sequence_ids`` — the segment's id on its image block
+    (``prefix``) or on all its positions (``bidirectional``) — opens the bidirectional blocks.
+    Row padding is a segment of its own, attended by nothing real. No K/V prefix."""
+    check_mode(mode)
+    _check_full_attention(lm_config)
+    if not (segment.shape == is_image.shape == position_ids.shape == inputs_embeds.shape[:2]):
+        raise ValueError(
+            f"segment {tuple(segment.shape)}, is_image {tuple(is_image.shape)}, position_ids "
+            f"{tuple(position_ids.shape)} and inputs_embeds {tuple(inputs_embeds.shape)} must "
+            "agree in (R, C)"
+        )
+    device = inputs_embeds.device
+    segment = segment.to(device)
+    if mode == "causal":
+        block = None
+    elif mode == "prefix":
+        block = torch.where(is_image.to(device), segment, -1)
+    else:
+        block = segment
+    return create_causal_mask(
+        config=lm_config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=None,
+        past_key_values=None,
+        position_ids=position_ids.to(device),
+        block_sequence_ids=block,
         allow_is_causal_skip=False,
     )
 

@@ -22,7 +22,12 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
 from vlalign.io_utils import atomic_path
-from vlalign.models.masks import build_attention_mask, check_mode, prefix_length
+from vlalign.models.masks import (
+    build_attention_mask,
+    build_packed_attention_mask,
+    check_mode,
+    prefix_length,
+)
 from vlalign.models.modality import image_tokens
 from vlalign.models.noise import corrupt_tokens
 from vlalign.models.projector import (
@@ -159,6 +164,7 @@ class VisionLanguageModel(nn.Module):
         generator: torch.Generator | None = None,
         past_key_values: Cache | None = None,
         output_hidden_states: bool = False,
+        packing: bool | int = False,
     ) -> VLMOutput:
         """One forward over ``[image | text]``.
 
@@ -168,7 +174,10 @@ class VisionLanguageModel(nn.Module):
         are targets; text token 0 is predicted from the last image position (LLaVA).
         ``noise_fraction > 0`` corrupts the *input* ids (stage0, :mod:`vlalign.models.noise`);
         targets stay clean. ``past_key_values``: a fresh prefix cache of P positions (it is
-        mutated by the forward).
+        mutated by the forward). ``packing``: run the LM on packed rows
+        (:mod:`vlalign.models.packing`: several samples per row, no padding between them), each
+        of up to ``N + packing`` positions (True: the padded width ``N + T``); the output is
+        laid out as without packing and equal to it to float tolerance. Not with a K/V prefix.
         """
         mode = check_mode(mask_mode or self.mask_mode)
         if input_ids.dim() != 2:
@@ -207,6 +216,24 @@ class VisionLanguageModel(nn.Module):
         is_image[:, :n_img] = True
 
         p = prefix_length(past_key_values)
+        if packing:
+            if p:
+                raise ValueError(
+                    "packing does not support a K/V prefix (past_key_values of "
+                    f"{p} positions): train without train.packing"
+                )
+            capacity = max(full_mask.shape[1], n_img + (0 if packing is True else int(packing)))
+            hidden = self._packed_hidden(embeds, full_mask, n_img, mode, capacity)
+            logits_all = self.lm.get_output_embeddings()(hidden[:, n_img - 1 :])
+            return self._output(
+                logits_all,
+                labels,
+                attention_mask,
+                hidden if output_hidden_states else None,
+                full_mask,
+                n_img,
+                device,
+            )
         mask = build_attention_mask(
             self.lm.config, embeds, full_mask, is_image, mode, past_key_values
         )
@@ -222,7 +249,47 @@ class VisionLanguageModel(nn.Module):
                 # only the last image position and the text positions need logits (N may be 256+)
                 logits_to_keep=input_ids.shape[1] + 1,
             )
-        logits_all = out.logits  # (B, T + 1, V)
+        hidden_all = out.hidden_states[-1] if output_hidden_states else None
+        return self._output(
+            out.logits, labels, attention_mask, hidden_all, full_mask, n_img, device
+        )
+
+    def _packed_hidden(
+        self, embeds: torch.Tensor, full_mask: torch.Tensor, n_img: int, mode: str, capacity: int
+    ) -> torch.Tensor:
+        """The LM's last (post-norm) hidden states ``(B, N + T, H)`` of padded ``embeds``,
+        computed on packed rows (:mod:`vlalign.models.packing`)."""
+        from vlalign.models.packing import pack, pack_layout, unpack
+
+        layout = pack_layout(full_mask, n_img, capacity)
+        packed = pack(embeds, layout)
+        mask = build_packed_attention_mask(
+            self.lm.config, packed, layout.segment, layout.is_image, layout.position_ids, mode
+        )
+        # positions are per segment, so the image tokens are those < N (modality)
+        with image_tokens(self.lm, n_img):
+            out = self.lm(
+                inputs_embeds=packed,
+                attention_mask=mask,
+                position_ids=layout.position_ids,
+                use_cache=False,
+                output_hidden_states=True,
+                logits_to_keep=1,  # the logits come from the unpacked hidden states
+            )
+        return unpack(out.hidden_states[-1], layout, *full_mask.shape)
+
+    def _output(
+        self,
+        logits_all: torch.Tensor,
+        labels: torch.Tensor | None,
+        attention_mask: torch.Tensor,
+        hidden_all: torch.Tensor | None,
+        full_mask: torch.Tensor,
+        n_img: int,
+        device,
+    ) -> VLMOutput:
+        """Loss and output from the logits ``(B, T + 1, V)`` of the last image position and
+        the text positions."""
         label_logits, logits = logits_all[:, :-1], logits_all[:, 1:]
 
         loss = None
@@ -237,7 +304,7 @@ class VisionLanguageModel(nn.Module):
             loss=loss,
             logits=logits,
             label_logits=label_logits,
-            hidden_states=out.hidden_states[-1] if output_hidden_states else None,
+            hidden_states=hidden_all,
             attention_mask=full_mask,
             num_image_tokens=n_img,
         )

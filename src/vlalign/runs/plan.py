@@ -15,7 +15,7 @@ from typing import Any
 from vlalign.config import ConfigError, deep_merge
 from vlalign.io_utils import stable_hash
 from vlalign.runs.settings import TRAIN_DEFAULTS as TRAIN_DEFAULTS  # re-exported (tests, scripts)
-from vlalign.runs.settings import StageSettings, resolve
+from vlalign.runs.settings import StageSettings, kv_prefix_methods, packing_refusal, resolve
 
 
 @dataclass
@@ -203,11 +203,15 @@ def plan(config: dict[str, Any]) -> tuple[dict[str, StageNode], dict[str, RunNod
             vision_trained = False
             chain_names: list[str] = []
             hashes: list[str] = []
+            prefixed: list[str] = []  # K/V-prefix methods of the chain so far (stay attached)
             for item in spec["chain"]:
                 try:
                     name, settings, stage_seed = resolve_stage_settings(config, item)
                 except ConfigError as e:
                     raise ConfigError(f"runs.{run_name}: {e}") from None
+                prefixed += [m for m in kv_prefix_methods(settings.peft) if m not in prefixed]
+                if settings.packing and prefixed:  # a parent stage's prefix is still attached
+                    raise ConfigError(packing_refusal(f"runs.{run_name}.{name}", prefixed))
                 chain_names.append(name)
                 # A stage may pin its seed (e.g. a shared base alignment under a multi-seed
                 # PEFT grid); otherwise it trains with the run's seed.

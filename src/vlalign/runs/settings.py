@@ -47,10 +47,16 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "mask": "prefix",
     "noise": 0.0,
     "peft": None,
+    # data loading off the main process (vlalign.train.loader): None = from the CPUs granted
+    # (0 on a 1-2 CPU machine: batches built in the training process, as before)
+    "num_workers": None,
+    # several samples per row, no padding between them (vlalign.models.packing); the same loss
+    # and gradients as padded rows (to float tolerance), so it is not part of the hash
+    "packing": False,
 }
 MODULES = ("vision", "projector", "lm")  # the per-module learning rates; absent = 0 = frozen
 # Keys that only affect *how* a stage is computed, not its result: they stay out of the hash.
-NON_SEMANTIC_KEYS = ("checkpoint_every",)
+NON_SEMANTIC_KEYS = ("checkpoint_every", "num_workers", "packing")
 
 
 @functools.cache
@@ -125,6 +131,22 @@ def resolve_methods(peft: Mapping[str, Any] | None, where: str) -> tuple[MethodS
     return tuple(out)
 
 
+def kv_prefix_methods(methods: tuple[MethodSettings, ...]) -> list[str]:
+    """The methods among ``methods`` whose training forward gets a K/V prefix."""
+    if not methods:
+        return []
+    from vlalign.methods.registry import get_method  # lazy: imports torch and peft
+
+    return [m.name for m in methods if get_method(m.name).kv_prefix]
+
+
+def packing_refusal(where: str, methods: list[str]) -> str:
+    return (
+        f"{where}: packing (train.packing) does not support a K/V prefix (past_key_values), "
+        f"which {methods} give every forward: set packing: false for this stage"
+    )
+
+
 @dataclass(frozen=True)
 class StageSettings(Mapping[str, Any]):
     """Every setting of one stage, resolved and validated.
@@ -156,6 +178,8 @@ class StageSettings(Mapping[str, Any]):
     max_train_samples: int | None
     prompts: Mapping[str, Any]
     peft: tuple[MethodSettings, ...]
+    num_workers: int | None
+    packing: bool
     _plain: dict[str, Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -210,6 +234,10 @@ class StageSettings(Mapping[str, Any]):
                 f"{where}: set max_train_samples ({data['max_train_samples']}) or "
                 f"data_fraction ({data['data_fraction']}), not both"
             )
+        if data["packing"]:
+            prefixed = kv_prefix_methods(values["peft"])
+            if prefixed:
+                raise ConfigError(packing_refusal(where, prefixed))
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

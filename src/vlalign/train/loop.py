@@ -41,6 +41,7 @@ from vlalign.models.vlm import VisionLanguageModel
 from vlalign.runs.settings import StageSettings, as_stage_settings
 from vlalign.train.data import StageExamples, collate
 from vlalign.train.features import FeatureCache
+from vlalign.train.loader import StepBatches, resolve_num_workers
 from vlalign.train.optim import build_optimizer, freeze_by_lr, param_groups
 
 log = logging.getLogger(__name__)
@@ -346,6 +347,7 @@ class StageSession:
     n_image_tokens: int | None = None
     order_epoch: int = -1  # the epoch whose data order is in ``order``
     order: list[int] = field(default_factory=list)
+    batches: StepBatches | None = None  # built at the first step (make_batches)
 
     @property
     def pad_id(self) -> int:
@@ -487,17 +489,35 @@ def batch_indices(session: StageSession, step: int) -> list[int]:
     return session.order[pos * gb : (pos + 1) * gb]
 
 
+def make_batches(session: StageSession) -> StepBatches:
+    """The stage's step batches: :func:`batch_indices` of every step (with its epoch), built
+    by ``train.num_workers`` DataLoader workers (0: in this process)."""
+
+    def rows(step: int) -> tuple[list[int], int]:
+        return batch_indices(session, step), step // session.steps.steps_per_epoch
+
+    acc = session.accelerator
+    return StepBatches(
+        session.train,
+        rows,
+        session.steps.total,
+        session.steps.micro,
+        session.pad_id,
+        resolve_num_workers(session.settings.num_workers),
+        rank=acc.process_index,
+        world=session.processes,
+    )
+
+
 def train_step(session: StageSession, step: int) -> dict[str, float]:
     """One optimizer step (gradient accumulation over micro-batches); → its log row."""
     t0 = time.perf_counter()
     acc, model, settings = session.accelerator, session.model, session.settings
-    world, micro = session.processes, session.steps.micro
-    batch_idx = batch_indices(session, step)
-    local = batch_idx[acc.process_index :: world]
-    micro_batches = [
-        collate([session.train[i] for i in local[j : j + micro]], session.pad_id)
-        for j in range(0, len(local), micro)
-    ]
+    world = session.processes
+    if session.batches is None:
+        session.batches = make_batches(session)
+    step_batch = session.batches.get(step)
+    micro_batches = step_batch.micro_batches
     n_sup = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
     if n_sup == 0:
         raise RuntimeError(
@@ -516,7 +536,14 @@ def train_step(session: StageSession, step: int) -> dict[str, float]:
         ctx = acc.no_sync(model) if not last and world > 1 else contextlib.nullcontext()
         with ctx, acc.autocast():
             extra_kw = session.peft.forward_kwargs(len(batch["input_ids"])) if session.peft else {}
-            out = model(**batch, noise_fraction=settings.noise, generator=noise_gen, **extra_kw)
+            out = model(
+                **batch,
+                noise_fraction=settings.noise,
+                generator=noise_gen,
+                # packed rows as long as the stage's longest sample (N + max_length)
+                packing=settings.max_length if settings.packing else False,
+                **extra_kw,
+            )
             # the LM loss plus the trained methods' auxiliary losses (exactly out.loss without)
             micro_loss = session.peft.total_loss(out, batch) if session.peft else out.loss
             loss = micro_loss * (n / n_sup)  # token-weighted mean over the global batch
@@ -541,7 +568,7 @@ def train_step(session: StageSession, step: int) -> dict[str, float]:
         "lr": lr_now,
         "grad_norm": grad_norm,
         "tokens_per_s": n_tokens * world / dt,
-        "samples_per_s": len(batch_idx) / dt,
+        "samples_per_s": step_batch.n_global / dt,
         **terms,
     }
 
@@ -590,6 +617,8 @@ def finish(session: StageSession, rows: list[dict]) -> dict[str, Any]:
     atomically and the checkpoint removed; → the stage.json dict ({} off the main process)."""
     acc, paths, peft = session.accelerator, session.paths, session.peft
     unwrapped = session.unwrapped
+    if session.batches is not None:  # stop the loader's workers
+        session.batches.close()
     result: dict[str, Any] = {}
     if acc.is_main_process:
         val = heldout_examples(session)
