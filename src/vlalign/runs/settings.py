@@ -47,10 +47,12 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "mask": "prefix",
     "noise": 0.0,
     "peft": None,
+    # experiment trackers (vlalign.train.trackers): tensorboard | wandb | mlflow | all; None: off
+    "log_with": None,
 }
 MODULES = ("vision", "projector", "lm")  # the per-module learning rates; absent = 0 = frozen
 # Keys that only affect *how* a stage is computed, not its result: they stay out of the hash.
-NON_SEMANTIC_KEYS = ("checkpoint_every",)
+NON_SEMANTIC_KEYS = ("checkpoint_every", "log_with")
 
 
 @functools.cache
@@ -156,6 +158,7 @@ class StageSettings(Mapping[str, Any]):
     max_train_samples: int | None
     prompts: Mapping[str, Any]
     peft: tuple[MethodSettings, ...]
+    log_with: str | None
     _plain: dict[str, Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
