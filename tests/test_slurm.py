@@ -116,6 +116,19 @@ def test_profile_gpu_rules_ask_for_gpus_cpu_rules_do_not() -> None:
     assert ev["slurm_partition"] == tr["slurm_partition"] and ev["gpu_model"] == tr["gpu_model"]
 
 
+def test_profile_signals_training_before_the_time_limit() -> None:
+    """train_stage jobs get SIGTERM ahead of the time limit (the trainer checkpoints the step in
+    progress and exits 75, the retry resumes); the GPU rules inheriting its template do not."""
+    per_rule = yaml.safe_load((PROFILE / "config.yaml").read_text())["set-resources"]
+    extra = per_rule["train_stage"]["slurm_extra"].strip("'")
+    assert re.fullmatch(r"--signal=TERM@\d+", extra), extra  # steps, not B: (the batch shell)
+    for rule in GPU_RULES - {"train_stage"}:
+        assert not per_rule[rule].get("slurm_extra"), rule
+    # the trainer replaces the rule's bash, which SIGTERM would kill before the checkpoint
+    train_smk = (REPO / "workflow" / "rules" / "train.smk").read_text()
+    assert '"exec {VLALIGN} train ' in train_smk
+
+
 def test_profile_rule_names_exist_in_workflow() -> None:
     rules_dir = REPO / "workflow" / "rules"
     defined = set()

@@ -159,6 +159,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         data=Path(args.data),
         parent=Path(args.parent) if args.parent else None,
         features=Path(args.features) if args.features else None,
+        trackers=Path(args.trackers_dir) if args.trackers_dir else None,
     )
     from vlalign.methods.stage import peft_hook  # parent PEFT methods are re-attached, if any
 
@@ -259,7 +260,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
             state = (
                 "done"
                 if (results / "stages" / h / "stage.json").exists()
-                else ("checkpoint" if (results / "checkpoints" / h).exists() else "-")
+                else ("checkpoint" if (results / "checkpoints" / h / "state.pt").exists() else "-")
             )
             print(f"    {node.name:<24} {results}/stages/{h}  seed {node.seed}  {state}")
     print(f"{len(runs)} runs, {len(stages)} distinct stages")
@@ -317,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True)
     s.add_argument("--parent", help="parent stage dir (omit for a first stage)")
     s.add_argument("--features", help="frozen-feature cache dir")
+    s.add_argument(
+        "--trackers-dir",
+        help="train.log_with's event files (default: <checkpoint dir>/trackers, copied into "
+        "the stage dir)",
+    )
     s.add_argument(
         "--launch",
         choices=["auto", "here"],
@@ -393,11 +399,19 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from vlalign.train.preemption import PREEMPTED_EXIT_CODE, CheckpointLocked, Preempted
+
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as e:  # bad input: a clear message, no traceback
         log.error("%s", e)
         return 2
+    except CheckpointLocked as e:  # another trainer of this stage is alive
+        log.error("%s", e)
+        return 1
+    except Preempted as e:  # checkpointed on SIGTERM / SIGUSR1: a retry resumes from it
+        log.warning("%s", e)
+        return PREEMPTED_EXIT_CODE
     return 0
 
 

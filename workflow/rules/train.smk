@@ -77,7 +77,9 @@ rule train_stage:
         f"{R}/logs/train_stage/{{hash}}.log",
     benchmark:
         f"{R}/benchmarks/train_stage/{{hash}}.tsv"
+    # exec: the trainer replaces the job's bash, which would die of SLURM's SIGTERM (preemption,
+    # --signal) and make Snakemake fail the job while the trainer still writes its checkpoint.
     shell:
-        "{VLALIGN} train --params {params.p:q} --out {output} --checkpoint-dir {params.ckpt}"
+        "exec {VLALIGN} train --params {params.p:q} --out {output} --checkpoint-dir {params.ckpt}"
         " --tokenizer {input.tokenizer} --vision {input.vision} --lm {input.lm}"
         " --data {input.data}{params.args} > {log} 2>&1"

@@ -53,10 +53,12 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     # several samples per row, no padding between them (vlalign.models.packing); the same loss
     # and gradients as padded rows (to float tolerance), so it is not part of the hash
     "packing": False,
+    # experiment trackers (vlalign.train.trackers): tensorboard | wandb | mlflow | all; None: off
+    "log_with": None,
 }
 MODULES = ("vision", "projector", "lm")  # the per-module learning rates; absent = 0 = frozen
 # Keys that only affect *how* a stage is computed, not its result: they stay out of the hash.
-NON_SEMANTIC_KEYS = ("checkpoint_every", "num_workers", "packing")
+NON_SEMANTIC_KEYS = ("checkpoint_every", "num_workers", "packing", "log_with")
 
 
 @functools.cache
@@ -180,6 +182,7 @@ class StageSettings(Mapping[str, Any]):
     peft: tuple[MethodSettings, ...]
     num_workers: int | None
     packing: bool
+    log_with: str | None
     _plain: dict[str, Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

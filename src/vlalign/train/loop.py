@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from datasets import load_from_disk
 from tqdm.auto import tqdm
 
@@ -43,6 +43,8 @@ from vlalign.train.data import StageExamples, collate
 from vlalign.train.features import FeatureCache
 from vlalign.train.loader import StepBatches, resolve_num_workers
 from vlalign.train.optim import build_optimizer, freeze_by_lr, param_groups
+from vlalign.train.preemption import Preempted, StopSignals, checkpoint_lock, stop_requested
+from vlalign.train.trackers import TRACKERS_DIR, log_row, start_trackers, tracker_dir
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class StagePaths:
     data: Path
     parent: Path | None = None  # parent stage output dir
     features: Path | None = None  # frozen-feature cache dir
+    trackers: Path | None = None  # train.log_with's dir; None: <checkpoint_dir>/trackers
 
 
 def build_model(
@@ -358,11 +361,14 @@ class StageSession:
         return self.accelerator.num_processes
 
 
-def make_accelerator() -> Accelerator:
-    """bf16 autocast and TF32 on a GPU that has them; full precision on CPU."""
+def make_accelerator(log_with: str | None = None, project_dir: Path | None = None) -> Accelerator:
+    """bf16 autocast and TF32 on a GPU that has them; full precision on CPU. ``log_with``:
+    accelerate's experiment trackers (``train.log_with``), writing under ``project_dir``."""
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(
-        mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+        mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no",
+        log_with=log_with,
+        project_dir=str(project_dir) if log_with else None,
     )
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -397,7 +403,9 @@ def build_session(
             "the vision encoder (lr.vision > 0); read images instead"
         )
     started = datetime.now(UTC).isoformat()
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(
+        settings.log_with, tracker_dir(paths.checkpoint_dir, paths.trackers)
+    )
     # The order of everything below fixes what the global RNG gives each draw: keep it.
     seed_everything(seed)
     tokenizer = load_tokenizer(paths.tokenizer)
@@ -656,6 +664,9 @@ def finish(session: StageSession, rows: list[dict]) -> dict[str, Any]:
                 peft.strip()
             unwrapped.save_pretrained(tmp / "model")
             (tmp / "train_log.csv").write_text(_csv(rows))
+            trackers = paths.checkpoint_dir / TRACKERS_DIR
+            if paths.trackers is None and trackers.is_dir():  # train.log_with's event files
+                shutil.copytree(trackers, tmp / TRACKERS_DIR)
             write_json_atomic(tmp / "stage.json", result)
         shutil.rmtree(paths.checkpoint_dir, ignore_errors=True)
         log.info(
@@ -686,29 +697,53 @@ def train_stage(
     ``settings``: a :class:`StageSettings`, or complete plain settings (checked by
     :meth:`StageSettings.from_dict`). ``peft_hook(model, settings_dict, parent_dir)`` attaches
     PEFT methods and returns a ``vlalign.methods.stage.PeftSession`` (or None for a plain
-    stage)."""
-    session = build_session(
-        settings,
-        paths,
-        name=name,
-        stage_hash=stage_hash,
-        seed=seed,
-        model_cfg=model_cfg,
-        peft_hook=peft_hook,
-    )
-    start_step, rows = resume(session)
+    stage).
+
+    One trainer per stage: the checkpoint dir's lock fails a second one at once
+    (:func:`~vlalign.train.preemption.checkpoint_lock`). On SIGTERM / SIGUSR1 the step in
+    progress is finished and checkpointed, then :class:`~vlalign.train.preemption.Preempted` is
+    raised (``vlalign train`` exits with its code); a rerun resumes from that step."""
+    main = PartialState().is_main_process
+    with checkpoint_lock(paths.checkpoint_dir, name) if main else contextlib.nullcontext():
+        session = build_session(
+            settings,
+            paths,
+            name=name,
+            stage_hash=stage_hash,
+            seed=seed,
+            model_cfg=model_cfg,
+            peft_hook=peft_hook,
+        )
+        start_step, rows = resume(session)
+        try:
+            train_steps(session, start_step, rows)
+        finally:
+            session.accelerator.end_training()  # flush the trackers' events (also if stopped)
+        return finish(session, rows)
+
+
+def train_steps(session: StageSession, start_step: int, rows: list[dict]) -> None:
+    """Steps ``start_step`` .. the last, appending their log rows to ``rows``; checkpoints every
+    ``checkpoint_every`` steps, and after the step in progress when a stop signal arrives."""
+    acc, settings = session.accelerator, session.settings
+    start_trackers(acc, session.name, session.stage_hash, session.seed, settings)
     session.model.train()
     bar = tqdm(
         range(start_step, session.steps.total),
-        desc=f"{name} [{stage_hash}]",
+        desc=f"{session.name} [{session.stage_hash}]",
         initial=start_step,
         total=session.steps.total,
         mininterval=2,
-        disable=not session.accelerator.is_main_process,
+        disable=not acc.is_main_process,
     )
-    for step in bar:
-        rows.append(train_step(session, step))
-        bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", refresh=False)
-        if checkpoint_due(session, step + 1):
-            write_checkpoint(session, step + 1, rows)
-    return finish(session, rows)
+    with StopSignals() as stop:
+        for step in bar:
+            rows.append(train_step(session, step))
+            log_row(acc, settings, rows[-1])
+            bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", refresh=False)
+            if stop_requested(stop, acc):
+                write_checkpoint(session, step + 1, rows)
+                bar.close()
+                raise Preempted(session.name, stop.received, step + 1, session.paths.checkpoint_dir)
+            if checkpoint_due(session, step + 1):
+                write_checkpoint(session, step + 1, rows)
