@@ -108,6 +108,12 @@ def make_collate(pad_id: int, micro: int) -> Callable[[list], StepBatch]:
     return collate_step
 
 
+def _worker_init(worker_id: int) -> None:
+    from vlalign.train.preemption import close_inherited_locks
+
+    close_inherited_locks()
+
+
 class StepBatches:
     """The batches of a stage's steps. :meth:`get` (step) returns that step's batch; steps
     asked in order stream from the loader, any other step restarts it there (a resume)."""
@@ -142,6 +148,8 @@ class StepBatches:
                 persistent_workers=True,
                 # its own generator: the iterator's base seed is not drawn from the global RNG
                 generator=torch.Generator().manual_seed(0),
+                # a worker must not keep the trainer's checkpoint lock alive after it died
+                worker_init_fn=_worker_init,
             )
 
     def get(self, step: int) -> StepBatch:

@@ -89,6 +89,21 @@ def stop_requested(stop: StopSignals, accelerator) -> bool:
     return bool(accelerator.reduce(flag, reduction="sum").item())
 
 
+_HELD: set[int] = set()  # descriptors of the checkpoint locks this process holds
+
+
+def close_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close the inherited descriptors of the parent's
+    checkpoint locks. A flock belongs to the open file, so a worker keeping the descriptor
+    would keep the lock held after its trainer died, until the orphaned worker exits."""
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
 @contextlib.contextmanager
 def checkpoint_lock(checkpoint_dir: Path, stage: str = "stage") -> Iterator[Path]:
     """Hold ``checkpoint_dir/trainer.lock`` exclusively (recording this PID and host in it);
@@ -110,6 +125,8 @@ def checkpoint_lock(checkpoint_dir: Path, stage: str = "stage") -> Iterator[Path
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        _HELD.add(fd)
         yield path
     finally:
+        _HELD.discard(fd)
         os.close(fd)  # releases the lock (also released by the kernel if the process dies)
