@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from datasets import DatasetDict
@@ -101,7 +102,7 @@ def test_outputs_and_metric_contract(world, untrained):
     assert set(COCO_METRICS) <= names and {"VQA_acc", "effective_rank_0.9"} <= names
     assert set(ROUGE_SCORE) <= names
     resampled = {r["metric"] for r in metrics["records"] if "resamples" in r}
-    assert resampled == set(COCO_METRICS) | set(ROUGE_SCORE)
+    assert resampled == set(COCO_METRICS) | set(ROUGE_SCORE) | {"VQA_acc"}
     assert "trainable_params" in names
     assert {"grounding_gap", "grounding_loss_own", "distinct_ratio"} <= names
     for rec in metrics["records"]:
@@ -306,11 +307,17 @@ def test_trained_model_scores_higher_than_untrained(world, untrained, tmp_path):
 def test_corpus_metrics_carry_their_image_resamples(untrained):
     _, metrics = untrained
     by_metric = {r["metric"]: r for r in metrics["records"]}
-    for m in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
+    for m in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "VQA_acc"):
         block = by_metric[m]["resamples"]
         assert block["scheme"]["key"] == "world/test/0" and block["scheme"]["count"] == 200
         assert len(block["values"]) == 200
     assert "resamples" not in by_metric["grounding_gap"]
+    # VQA accuracy resampled by image: its draws spread around the full-set value (a paired
+    # comparison of two seeds differing by one question is then not "significant")
+    vqa = np.asarray(by_metric["VQA_acc"]["resamples"]["values"])
+    full = by_metric["VQA_acc"]["value"]
+    assert ((0 <= vqa) & (vqa <= 1)).all()
+    assert vqa.std() > 0 if 0 < full < 1 else (vqa == full).all()  # an untrained model: all 0
 
 
 def test_the_runs_text_format_lays_out_the_scored_text(world, tmp_path):

@@ -18,7 +18,12 @@ from vlalign.eval.caption_metrics import (
     ptb_tokenize,
     rouge_scores,
 )
-from vlalign.eval.resampling import ResampleCheckError, ResampleScheme, cider_resamples
+from vlalign.eval.resampling import (
+    ResampleCheckError,
+    ResampleScheme,
+    cider_resamples,
+    grouped_mean_resamples,
+)
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "triangle", "small", "large", "on",
          "the", "left", "right", "top", "image", "shows", "two", "three", "objects", "gray"]
@@ -142,3 +147,16 @@ def test_meteor_disabled_is_missing_never_zero():
     assert {"metric": "METEOR", "reason": "disabled (eval.meteor: false)"} in out.missing
     assert scorer._meteor is None  # no JVM was started
     assert {"Bleu_4", "ROUGE_L", "CIDEr"} <= set(out.scores)
+
+
+def test_grouped_mean_resamples_are_the_mean_over_the_drawn_images_questions():
+    # VQA accuracy: 3 images with 2, 1 and 3 questions
+    groups, values = [0, 0, 1, 2, 2, 2], [1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+    scheme = ResampleScheme("t/test/0", 3, count=50)
+    out = grouped_mean_resamples("VQA_acc", groups, values, scheme.weights(), 0.5)
+    for r, idx in enumerate(scheme.indices()):  # by hand: each drawn image brings its questions
+        drawn = [v for i in idx for g, v in zip(groups, values) if g == i]
+        assert out[r] == pytest.approx(sum(drawn) / len(drawn))
+    assert len(set(np.round(out, 6))) > 1
+    with pytest.raises(ResampleCheckError):
+        grouped_mean_resamples("VQA_acc", groups, values, scheme.weights(), 0.6)

@@ -108,6 +108,26 @@ def mean_resamples(
     return weights @ s / len(s)
 
 
+def grouped_mean_resamples(
+    name: str,
+    groups: Sequence[int],
+    values: Sequence[float],
+    weights: np.ndarray,
+    reference: float,
+) -> np.ndarray:
+    """A corpus score that is the mean over items grouped by image (VQA accuracy: the questions
+    of each image): per resample, the mean over the drawn images' items (an image drawn twice
+    counts its questions twice). ``groups[k]``: the image index of item ``k``."""
+    g = np.asarray(groups, dtype=int)
+    v = np.asarray(values, dtype=float)
+    n = weights.shape[1]
+    sums = np.bincount(g, weights=v, minlength=n)
+    counts = np.bincount(g, minlength=n).astype(float)
+    _check(name, float(sums.sum() / counts.sum()), reference)
+    drawn = weights @ counts
+    return np.divide(weights @ sums, drawn, out=np.full(len(weights), np.nan), where=drawn > 0)
+
+
 def cider_resamples(
     hyps: Sequence[dict], refs: Sequence[Sequence[dict]], weights: np.ndarray, reference: float
 ) -> np.ndarray:

@@ -44,9 +44,9 @@ from vlalign.eval.caption_metrics import CaptionScorer
 from vlalign.eval.effective_rank import rank_curve_record
 from vlalign.eval.grounding import caption_grounding, gap_scores, objects_of
 from vlalign.eval.references import References
-from vlalign.eval.resampling import DEFAULT_RESAMPLES, ResampleScheme
+from vlalign.eval.resampling import DEFAULT_RESAMPLES, ResampleScheme, grouped_mean_resamples
 from vlalign.eval.text_loss import lm_text_loss
-from vlalign.eval.vqa import vqa_score
+from vlalign.eval.vqa import vqa_accuracy, vqa_score
 from vlalign.io_utils import atomic_path, write_json_atomic
 from vlalign.models.backbones import load_image_processor, load_lm
 from vlalign.models.generation import InputsFn, generate, inference_cache
@@ -579,7 +579,7 @@ def evaluate_run(
             )
         scores.update(caps.scores)
         missing += caps.missing
-        resamples = caps.resamples
+        resamples = dict(caps.resamples)
         # grounding: pure Python on the predictions just generated
         scenes = [objects_of(m) for m in ds.select_columns(["meta"])["meta"]]
         g_scores, g_missing = caption_grounding(preds, scenes, where=f"{dataset}/{split}")
@@ -597,6 +597,15 @@ def evaluate_run(
             for q, a in zip(vqa_items, answers)
         ]
         scores["VQA_acc"] = vqa_score(answers, [q["answers"] for q in vqa_items])
+        # resampled by image (its questions together), on the images the captions drew
+        vqa_scheme = cfg.resample_scheme(dataset, len(ds))
+        if vqa_scheme is not None and scheme in (None, vqa_scheme):
+            scheme = vqa_scheme
+            resamples["VQA_acc"] = grouped_mean_resamples(
+                "VQA_acc", [q["index"] for q in vqa_items],
+                [vqa_accuracy(a, q["answers"]) for q, a in zip(vqa_items, answers)],
+                vqa_scheme.weights(), scores["VQA_acc"],
+            )
     gap, gap_missing = gap_scores(
         model, processor, tok, ds, text_kind, where=f"{dataset}/{split}",
         max_length=text_max_length, batch_size=batch_size, mask_mode=cfg.mask_mode,
