@@ -363,8 +363,10 @@ def test_train_step_seeds_noise_with_the_process_index(monkeypatch):
         steps = type("S", (), {"micro": 1, "steps_per_epoch": 1, "global_batch": 4})()
         train = [{"input_ids": [1, 2], "labels": [1, 2], "attention_mask": [1, 1]}] * 4
         order_epoch, order = 0, [0, 1, 2, 3]
+        # the step's micro-batches, as vlalign.train.loader.StepBatches gives them
+        batches = type("B", (), {"get": lambda self, step: type(
+            "SB", (), {"micro_batches": [{"labels": torch.ones(1, 2)}]})()})()
 
-    monkeypatch.setattr(loop, "collate", lambda rows, pad: {"labels": torch.ones(1, 2)})
     monkeypatch.setattr(loop, "_to", lambda b, d: b)
     with pytest.raises(Stop):
         loop.train_step(FakeSession(), 0)
