@@ -211,6 +211,15 @@ def test_scorer_reports_rouge_means_on_raw_text_with_resamples():
     assert shirt.scores["Bleu_1"] == pytest.approx(0.5)  # pycocoevalcap still on PTB tokens
 
 
+def test_rouge_score_disabled_is_listed_missing_never_zero():
+    with CaptionScorer(spice="off", meteor=False, rouge_score=False) as scorer:
+        out = scorer.score(ROUGE_PREDS, ROUGE_REFS)
+    assert not set(ROUGE_SCORE_METRICS) & set(out.scores)
+    assert {m["metric"] for m in out.missing} == {"METEOR", "SPICE", *ROUGE_SCORE_METRICS}
+    assert all("rouge_score: false" in m["reason"] for m in out.missing if "ROUGE" in m["metric"])
+    assert out.scores["ROUGE_L"] > 0 and out.scores["CIDEr"] > 0  # pycocoevalcap's still scored
+
+
 def test_rouge_metrics_reach_the_results_db_like_coco_metrics(tmp_path):
     from vlalign.eval.runner import metric_records
     from vlalign.results.db import ingest, query, resample_map

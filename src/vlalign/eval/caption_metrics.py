@@ -41,7 +41,6 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.spice import get_stanford_models as _spice_models
 from pycocoevalcap.tokenizer import ptbtokenizer as _ptb
-from rouge_score import rouge_scorer
 from tqdm import tqdm
 
 from vlalign.eval.references import References
@@ -186,6 +185,9 @@ def rouge_scores(
     Returns ``{metric: array over images}`` for :data:`ROUGE_SCORE_METRICS`, in 0..1; the
     corpus score is the mean over images.
     """
+    # imported here: rouge_score imports all of nltk and scipy.stats (~2 s of a job's start)
+    from rouge_score import rouge_scorer
+
     scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
     out = {m: np.zeros(len(predictions)) for m in ROUGE_SCORE_METRICS}
     for k, (pred, refs) in enumerate(zip(predictions, references, strict=True)):
@@ -249,11 +251,12 @@ class CaptionScorer:
     datasets and inference variants). Use as a context manager: the JVM is started on first
     use and always shut down on exit."""
 
-    def __init__(self, spice: str = "auto", meteor: bool = True) -> None:
+    def __init__(self, spice: str = "auto", meteor: bool = True, rouge_score: bool = True) -> None:
         if spice not in SPICE_MODES:
             raise ValueError(f"spice must be one of {SPICE_MODES}, got {spice!r}")
         self.spice = spice
         self.meteor = meteor  # False: METEOR is listed as missing ("disabled"), never 0
+        self.rouge_score = rouge_score  # False: likewise rouge-score's four metrics
         self._stack = contextlib.ExitStack()
         self._meteor: Meteor | None = None
 
@@ -334,11 +337,16 @@ class CaptionScorer:
 
         out = CaptionScores(scores={}, missing=[])
         scores, resamples = out.scores, out.resamples
-        steps = ["Bleu", "METEOR", "ROUGE_L", "rouge_score", "CIDEr"] if self.meteor else [
-            "Bleu", "ROUGE_L", "rouge_score", "CIDEr"]
+        steps = ["Bleu"] + ["METEOR"] * self.meteor + ["ROUGE_L"]
+        steps += ["rouge_score"] * self.rouge_score + ["CIDEr"]
         steps += ["SPICE"] if spice_reason is None else []
         if not self.meteor:
             out.missing.append({"metric": "METEOR", "reason": "disabled (eval.meteor: false)"})
+        if not self.rouge_score:
+            out.missing += [
+                {"metric": m, "reason": "disabled (eval.rouge_score: false)"}
+                for m in ROUGE_SCORE_METRICS
+            ]
         for step in tqdm(steps, desc="caption metrics", disable=None):
             t0 = time.perf_counter()
             if step == "Bleu":

@@ -236,7 +236,9 @@ def evaluate_job(job: EvalJob, stage: LoadedStage) -> dict[str, Any]:
     METEOR JVM scores them all."""
     (first, first_dir), *others = job.datasets
     refs = {name: References.load(path) for (name, _), path in zip(job.datasets, job.references)}
-    with CaptionScorer(job.settings.spice, meteor=job.settings.meteor) as scorer:
+    with CaptionScorer(
+        job.settings.spice, meteor=job.settings.meteor, rouge_score=job.settings.rouge_score
+    ) as scorer:
         metrics = evaluate_dataset(
             job, stage, first, first_dir, job.out_dir, extra_records=stage.records(),
             scorer=scorer, references=refs.get(first),

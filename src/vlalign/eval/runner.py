@@ -84,6 +84,7 @@ class EvalSettings:
     batch_size: int = 16
     spice: str = "auto"
     meteor: bool = True
+    rouge_score: bool = True
     rank_samples: int = 64
     rank_text_tokens: int = DEFAULT_RANK_TEXT_TOKENS
     variants: tuple[str, ...] = ("normal",)
@@ -571,7 +572,9 @@ def evaluate_run(
         ]
         with contextlib.ExitStack() as stack:
             if scorer is None:
-                scorer = stack.enter_context(CaptionScorer(cfg.spice, meteor=cfg.meteor))
+                scorer = stack.enter_context(
+                    CaptionScorer(cfg.spice, meteor=cfg.meteor, rouge_score=cfg.rouge_score)
+                )
             scheme = cfg.resample_scheme(dataset, len(cap_ids))
             caps = scorer.score(
                 dict(zip(cap_ids, preds)), dict(zip(cap_ids, cap_refs)),
