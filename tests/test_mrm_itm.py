@@ -417,3 +417,50 @@ def test_remove_restores_the_base():
     again = get_method("itm")()
     again.apply(vlm)
     assert logits(vlm).shape == base.shape
+
+
+# ------------------------------------------------------------------------ in a real stage
+@pytest.mark.slow
+def test_stage_trains_logs_terms_and_reloads(tmp_path):
+    """The real ``train_stage`` + ``peft_hook`` with ``{mrm, itm}``: the weighted terms are
+    ``train_log.csv`` columns, both methods' weights move, the reloaded stage gives the
+    in-memory logits (the image [CLS] included) and no masking at inference."""
+    import csv
+
+    from peft_fixtures import (
+        RecordingHook,
+        build_peft_world,
+        changed,
+        probe_batch,
+        saved_model,
+        stage_settings,
+        train,
+    )
+
+    from vlalign.methods.stage import load_for_inference
+
+    world = build_peft_world(tmp_path)
+    base, _ = train(world, "stage1", stage_settings("world", "recaption", {"projector": 1e-2},
+                                                    max_steps=1))
+    probe = probe_batch(world)
+    hook = RecordingHook(probe)
+    peft = {"mrm": {"lr": 5e-2}, "itm": {"lr": 5e-2, "proj_dim": 16}}
+    stage_dir, res = train(world, "ft_klaft", stage_settings(peft=peft, max_steps=2), base, hook)
+    assert sorted(res["peft"]) == ["itm", "mrm"]
+    with open(stage_dir / "train_log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2
+    for key in ("mrm.mrm", "itm.itm"):
+        vals = [float(r[key]) for r in rows]
+        assert all(math.isfinite(v) and v > 0 for v in vals), key
+    for name in ("mrm", "itm"):
+        assert changed(hook.at_attach.methods[name], hook.at_save.methods[name]), name
+    assert not changed(hook.at_attach.base, hook.at_save.base)
+    assert not changed(saved_model(base), saved_model(stage_dir))
+    model = VisionLanguageModel.from_pretrained(stage_dir / "model").eval()
+    session = load_for_inference(model, stage_dir)
+    with torch.no_grad():
+        out = model(**probe, **session.forward_kwargs(len(probe["input_ids"])))
+    assert out.num_image_tokens == 16 + 1
+    assert torch.equal(out.logits, hook.logits)
+    assert session.method("mrm").last is None
