@@ -133,6 +133,22 @@ def test_mrm_masks_round_ratio_n_tokens_in_train_mode_only():
     assert mrm.forward_kwargs(4) == {}
 
 
+def test_frozen_mrm_does_not_mask():
+    vlm = make_vlm()
+    (mrm,) = apply_methods(vlm, [("mrm", {})])
+    seen = []
+    vlm.projector.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
+    mrm.set_trainable(False)  # re-attached from a parent stage, not trained here
+    vlm.train()
+    assert mrm.forward_kwargs(4) == {}
+    f = feats()
+    vlm(**batch(f))
+    assert torch.equal(seen[-1], f) and mrm.last is None
+    mrm.set_trainable(True)
+    out, _ = train_forward(vlm, [mrm], f)
+    assert not torch.equal(seen[-1], f) and mrm.last is not None
+
+
 def test_mrm_loss_hand_computed_and_target_is_the_masked_encoder_feature():
     vlm = make_vlm()
     (mrm,) = apply_methods(vlm, [("mrm", {"lambda": 0.5})])

@@ -13,7 +13,9 @@ predicts it are not given. Resolutions (``docs/klaft/mrm_itm.md``), each a **cho
   ``info_bottleneck``'s ε); :meth:`MaskedRegionModelling.draw_positions` is the one place that
   draws (a test replaces it). Only when the image has more than one token (N ≤ 1: no masking,
   no loss term) and only in training mode: generation, scoring and the held-out loss
-  (``model.eval()``) see the unmasked features and add nothing.
+  (``model.eval()``) see the unmasked features and add nothing. Nor while the method is frozen
+  (``set_trainable(False)``: re-attached from a parent stage, phase A of a chain): its loss is
+  not added then, so masking would only corrupt the stage's input (choice).
 - *Target* (choice): the frozen encoder feature ``v_m`` (``d_vision``) of each masked position,
   i.e. the projector's input before masking, detached.
 - *Prediction* (choice): an MLP ``d_lm → head_hidden → d_vision`` (GELU) on the LM's last-layer
@@ -172,12 +174,25 @@ class MRMMethod(PeftMethod):
         self.ratio, self.weight = float(cfg["mask_ratio"]), float(cfg["lambda"])
         self.last: _Masked | None = None
         self._trained_forward = False
+        self.masking = True  # set_trainable (called by apply) keeps it
         self._handle: RemovableHandle = projector.register_forward_pre_hook(self._pre_hook)
         return module
 
+    def set_trainable(self, trainable: bool) -> None:
+        """Also switches the masking: a frozen MRM (re-attached from a parent stage, or phase A
+        of a chain) adds no loss (the session adds only trained methods' terms), so masking its
+        input would only corrupt what the stage trains on (a choice)."""
+        super().set_trainable(trainable)
+        self.masking = trainable
+
+    @property
+    def active(self) -> bool:
+        """Masking this forward: training mode and the method trained."""
+        return self.module.training and self.masking
+
     def _pre_hook(self, projector: nn.Module, args: tuple):
         module = self.module
-        if not module.training:
+        if not self.active:
             return None
         (feats, *rest) = args
         self._trained_forward, self.last = True, None
@@ -197,7 +212,7 @@ class MRMMethod(PeftMethod):
 
     def forward_kwargs(self, batch_size: int) -> dict[str, Any]:
         """The loss reads the last-layer hidden states of the training forward only."""
-        return {"output_hidden_states": True} if self.module.training else {}
+        return {"output_hidden_states": True} if self.active else {}
 
     def extra_loss(self, outputs: Any, batch: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
         """``{"mrm": λ · L_MRM}`` of the last training forward (the one of ``outputs``); None
