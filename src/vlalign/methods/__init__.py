@@ -25,7 +25,9 @@ from vlalign.methods import (  # noqa: F401  (registers the methods)
     full,
     info_bottleneck,
     instruction_moe,
+    itm,
     lora,
+    mrm,
     prefix,
 )
 from vlalign.methods.adapters import Bottleneck, bottleneck_for_budget
