@@ -27,6 +27,7 @@ from vlalign.methods import (  # noqa: F401  (registers the methods)
     instruction_moe,
     lora,
     prefix,
+    tcm,
 )
 from vlalign.methods.adapters import Bottleneck, bottleneck_for_budget
 from vlalign.methods.info_bottleneck import InfoBottleneck, gaussian_kl, score_pool
