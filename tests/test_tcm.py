@@ -133,6 +133,23 @@ def test_mixture_and_gradients_equal_the_naive_full_tensor(shift):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_gradients_under_autocast_match_the_naive():
+    torch.manual_seed(0)
+    head, topics = nn.Linear(8, 40), TopicHead(8, 3, "affine")
+    randomise(topics)
+    h = torch.randn(2, 5, 8, requires_grad=True)
+    target = torch.randint(0, 40, (10,))
+    results = []
+    for fn in (lambda: topic_mixture(topics, head, h)[0], lambda: naive_mixture(topics, head, h)):
+        h.grad = head.weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn()
+        F.nll_loss(out.float().reshape(-1, 40), target).backward()
+        results.append((h.grad.clone(), head.weight.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
 def _saved_elements(fn) -> int:
     total = 0
 

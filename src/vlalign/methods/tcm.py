@@ -195,6 +195,9 @@ class _TopicMixture(torch.autograd.Function):
         shift_t, head_t = tensors[: spec.n_shift], tensors[spec.n_shift :]
         out = mixture_no_grad(spec, h, log_prior, shift_t, head_t)
         ctx.spec = spec
+        # backward recomputes under the forward's autocast state (the same logp, so Σ_z w_z = 1)
+        dev = h.device.type
+        ctx.amp = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         ctx.save_for_backward(h, log_prior, out, *tensors)
         return out
 
@@ -211,7 +214,8 @@ class _TopicMixture(torch.autograd.Function):
         grad_out = grad_out.float()
         for z in range(spec.topics.num_topics + 1):
             shift_t, head_t = leaves[1 : 1 + spec.n_shift], leaves[1 + spec.n_shift :]
-            with torch.enable_grad():
+            dev, enabled, dtype = ctx.amp
+            with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
                 logp = spec.logp(leaves[0], z, shift_t, head_t)
             with torch.no_grad():
                 gw = (logp.detach() + log_prior[..., z : z + 1] - out).exp_().mul_(grad_out)
