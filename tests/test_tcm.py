@@ -151,19 +151,21 @@ def test_gradients_under_autocast_match_the_naive():
 
 
 def _saved_elements(fn) -> int:
-    total = 0
+    """Elements of the activations ``fn``'s graph (and an NLL loss on it) saves for backward:
+    distinct storages, parameters left out (they are resident anyway)."""
+    seen: dict[int, int] = {}
 
     def pack(t):
-        nonlocal total
-        total += t.numel()
+        if not isinstance(t, nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.numel()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
-        loss = F.nll_loss(out.reshape(-1, out.shape[-1]), torch.zeros(out.shape[0] * out.shape[1],
-                                                                     dtype=torch.long))
+        target = torch.zeros(out.shape[0] * out.shape[1], dtype=torch.long)
+        loss = F.nll_loss(out.reshape(-1, out.shape[-1]), target)
     loss.backward()
-    return total
+    return sum(seen.values())
 
 
 def test_backward_saves_less_than_three_full_vocabulary_tensors():
@@ -172,11 +174,12 @@ def test_backward_saves_less_than_three_full_vocabulary_tensors():
     head = nn.Linear(d, v, bias=False)
     topics = TopicHead(d, k)
     h = torch.randn(b, t, d, requires_grad=True)
-    bound = 3 * b * t * v
+    btv = b * t * v
     ours = _saved_elements(lambda: topic_mixture(topics, head, h)[0])
     naive = _saved_elements(lambda: naive_mixture(topics, head, h))
-    assert ours < bound, (ours, bound)
-    assert naive > bound  # the measurement sees what the naive graph keeps
+    # measured: ours 1.001·BTV (the output, shared with the loss, + h and the prior), naive 23.5
+    assert ours < 1.1 * btv < 3 * btv, ours / btv
+    assert naive > 3 * btv  # the measurement sees what the naive graph keeps
 
 
 def test_omega_zero_is_the_plain_heads_log_probabilities():
