@@ -12,13 +12,23 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import lm_config, vision_config
+from helpers import lm_config, read_log, vision_config
+from peft_fixtures import (
+    RecordingHook,
+    build_peft_world,
+    changed,
+    peft_logits,
+    probe_batch,
+    saved_model,
+    stage_settings,
+    train,
+)
 from torch import nn
 from transformers import Qwen2ForCausalLM, SiglipVisionModel
 
 from vlalign.methods import apply_methods, get_method, load_methods, save_methods
 from vlalign.methods.registry import GeneratedBatch
-from vlalign.methods.stage import PeftSession
+from vlalign.methods.stage import PeftSession, load_for_inference
 from vlalign.methods.tcm import TopicHead, shift_hidden, topic_mixture
 from vlalign.models.generation import generate
 from vlalign.models.projector import build_projector
@@ -388,3 +398,30 @@ def test_composes_with_petal_methods():
     session.total_loss(out, batch).backward()
     assert {"tcm.ttm", "info_bottleneck.kl"} <= set(session.last_terms)
     assert vlm.tcm.topic_vectors.grad is not None
+
+
+# ------------------------------------------------------------------------------- in a stage
+def test_tcm_stage_trains_on_packed_rows_logs_ttm_and_reloads(tmp_path):
+    """The real ``train_stage`` + ``peft_hook`` on packed rows: only TCM trains, ``tcm.ttm`` is a
+    train-log column, the saved base model is the clean one, the reloaded stage gives the
+    in-memory logits."""
+    world = build_peft_world(tmp_path)
+    base, _ = train(world, "stage1", stage_settings("world", "recaption", {"projector": 1e-2},
+                                                    max_steps=1))
+    probe = probe_batch(world)
+    hook = RecordingHook(probe)
+    peft = {"tcm": {"lr": 5e-2, "num_topics": 3}}
+    stage_dir, res = train(world, "ft_tcm", stage_settings(peft=peft, packing=True), base, hook)
+    assert res["peft"] == ["tcm"]
+    assert res["trainable_params"] == sum(
+        t.numel() for t in hook.at_attach.methods["tcm"].values())
+    log = read_log(stage_dir)
+    assert "tcm.ttm" in log[0] and all(r["tcm.ttm"] > 0 for r in log)
+    assert {k.rsplit(".", 1)[-1] for k in changed(hook.at_attach.methods["tcm"],
+                                                  hook.at_save.methods["tcm"])} == {
+        "weight", "bias", "topic_vectors"}
+    assert not changed(hook.at_attach.base, hook.at_save.base)
+    assert not changed(saved_model(base), saved_model(stage_dir))
+    model = VisionLanguageModel.from_pretrained(stage_dir / "model")
+    session = load_for_inference(model, stage_dir)
+    assert torch.equal(peft_logits(model, session, probe), hook.logits)
