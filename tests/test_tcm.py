@@ -257,6 +257,11 @@ def test_ttm_token_dropout_and_shifts():
     assert len(values) > 1  # different tokens enter
     with pytest.raises(RuntimeError, match="without a training-mode forward"):
         m.extra_loss(None, batch)
+    m.set_trainable(False)  # a frozen TCM keeps no graph for a loss it does not add
+    vlm(**batch, image_features=feats())
+    with pytest.raises(RuntimeError, match="without a training-mode forward"):
+        m.extra_loss(None, batch)
+    m.set_trainable(True)
     # mul / affine: the same expectation of ||h − h'_z||²
     h = torch.randn(3, 64)
     prior = vlm.tcm.log_prior(h)

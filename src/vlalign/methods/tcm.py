@@ -191,7 +191,7 @@ class _TopicMixture(torch.autograd.Function):
     """The log-mixture with a recomputing backward (module doc, *Memory*)."""
 
     @staticmethod
-    def forward(ctx, spec: _Spec, h, log_prior, *tensors):  # noqa: D401
+    def forward(ctx, spec: _Spec, h, log_prior, *tensors):
         shift_t, head_t = tensors[: spec.n_shift], tensors[spec.n_shift :]
         out = mixture_no_grad(spec, h, log_prior, shift_t, head_t)
         ctx.spec = spec
@@ -309,8 +309,10 @@ class TopicMixtureMethod(PeftMethod):
         def hook(module, args, output):
             h = args[0]
             out, log_prior = topic_mixture(topics, module, h, first_logits=output)
-            if topics.training:
-                self._stash = (h, log_prior)  # for L_TTM in extra_loss
+            # for L_TTM in extra_loss; only while TCM trains (a frozen TCM has no extra loss, and
+            # the stash would keep this forward's graph alive into the next one)
+            if topics.training and topics.prior.weight.requires_grad:
+                self._stash = (h, log_prior)
             if self._record:
                 self._recorded = log_prior.detach()
             return out
@@ -355,9 +357,6 @@ class TopicMixtureMethod(PeftMethod):
             return {"ttm": h.sum() * 0.0}
         dist = topics.ttm_distance(h[:, :t][sup], log_prior[:, :t][sup])
         return {"ttm": float(self.cfg["lambda_ttm"]) * dist.mean()}
-
-    def extra_metrics(self) -> dict[str, float]:
-        return {}
 
     # -- evaluation ---------------------------------------------------------------------
     def token_topics(self, model: nn.Module, batch: GeneratedBatch) -> list[list[int]]:
