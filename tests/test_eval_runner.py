@@ -337,3 +337,41 @@ def test_task_none_measures_the_losses_only(world, tmp_path):
     assert {"grounding_gap", "effective_rank_0.9"} <= names
     assert not names & {"CIDEr", "VQA_acc", "distinct_ratio"}
     assert (tmp_path / "predictions.jsonl").read_text() == ""
+
+
+def test_peft_generation_stats_become_metric_records_and_prediction_details(world, tmp_path):
+    """KLAFT's r_TCM end to end: the ``tcm`` method's ``generation_stats`` hook, through the
+    session, is averaged into a ``r_TCM`` record (as the DuckDB reader reads it) and the topic
+    of every generated token lands in ``predictions.jsonl``."""
+    from vlalign.methods import apply_methods
+    from vlalign.methods.stage import PeftSession
+    from vlalign.results.db import _read_metrics_json
+
+    vlm = VisionLanguageModel.from_pretrained(world["model"])
+    session = PeftSession(apply_methods(vlm, [("tcm", {"num_topics": 3})]), {"tcm": 1e-3})
+    generated: list[list[int]] = []
+
+    def stats(model, batch):  # the session's hook, recording what it was given
+        generated.extend(list(g) for g in batch.generated)
+        return session.generation_stats(model, batch)
+
+    metrics = _eval(world, tmp_path, task="caption", meteor=False, spice="off", model=vlm,
+                    inputs=session.inference(), generation_stats=stats)
+    lines = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    topics = [x["tcm.topics"] for x in lines]
+    assert len(generated) == len(lines) == len(world["dsd"]["test"])
+    for x, t, g in zip(lines, topics, generated):  # one topic per generated token (eos cut)
+        assert len(t) == len(g) and all(z in range(4) for z in t)
+        assert x["prediction"] == decode_text(world["tokenizer"], g)
+    shares = [sum(z != 0 for z in t) / len(t) for t in topics if t]
+    assert shares
+    records = [r for r in metrics["records"] if r["metric"] == "r_TCM"]
+    assert len(records) == 1 and records[0]["value"] == pytest.approx(sum(shares) / len(shares))
+    rows = _read_metrics_json(tmp_path / "metrics.json", "r0")[0]
+    assert [r["value"] for r in rows if r["metric"] == "r_TCM"] == [records[0]["value"]]
+    # K = 0: no r_TCM record at all (never a pretend 0)
+    plain = VisionLanguageModel.from_pretrained(world["model"])
+    off = PeftSession(apply_methods(plain, [("tcm", {"num_topics": 0})]), {"tcm": 1e-3})
+    metrics = _eval(world, tmp_path / "off", task="caption", meteor=False, spice="off",
+                    model=plain, generation_stats=off.generation_stats)
+    assert "r_TCM" not in {r["metric"] for r in metrics["records"]}

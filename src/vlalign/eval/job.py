@@ -198,6 +198,7 @@ def evaluate_dataset(
         text_format=job.text_format,
         scorer=scorer,
         references=references,
+        generation_stats=stage.session.generation_stats if stage.session is not None else None,
     )
 
 

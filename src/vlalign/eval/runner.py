@@ -21,7 +21,7 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from datasets import Dataset
+from torch import nn
 from tqdm.auto import tqdm
 
 from vlalign.data.text_formats import (
@@ -48,6 +49,7 @@ from vlalign.eval.resampling import DEFAULT_RESAMPLES, ResampleScheme, grouped_m
 from vlalign.eval.text_loss import lm_text_loss
 from vlalign.eval.vqa import vqa_accuracy, vqa_score
 from vlalign.io_utils import atomic_path, write_json_atomic
+from vlalign.methods.registry import GeneratedBatch, GenerationStats
 from vlalign.models.backbones import load_image_processor, load_lm
 from vlalign.models.generation import InputsFn, generate, inference_cache
 from vlalign.models.vlm import VLM_CONFIG_NAME, VisionLanguageModel
@@ -239,6 +241,37 @@ def _vqa_rows(ds: Dataset, data_dir: PathLike, split: str) -> list[dict]:
     return items
 
 
+# ``(model, batch) → per-row statistics`` of the PEFT methods
+# (:meth:`vlalign.methods.stage.PeftSession.generation_stats`)
+GenerationStatsFn = Callable[[nn.Module, GeneratedBatch], GenerationStats]
+
+
+@dataclass
+class _RowStats:
+    """The methods' :class:`GenerationStats` of one task's generations, row by row."""
+
+    metrics: dict[str, list[float | None]]
+    details: dict[str, list[Any]]
+
+    def add(self, stats: GenerationStats) -> None:
+        for name, values in stats.metrics.items():
+            self.metrics.setdefault(name, []).extend(values)
+        for key, values in stats.details.items():
+            self.details.setdefault(key, []).extend(values)
+
+    def scores(self) -> dict[str, float]:
+        """Each metric's mean over its non-None rows (no rows with a value: no metric)."""
+        out = {}
+        for name, values in self.metrics.items():
+            vals = [float(v) for v in values if v is not None]
+            if vals:
+                out[name] = sum(vals) / len(vals)
+        return out
+
+    def row(self, i: int) -> dict[str, Any]:
+        return {k: v[i] for k, v in self.details.items()}
+
+
 @torch.no_grad()
 def _generate_rows(
     model: VisionLanguageModel,
@@ -251,10 +284,14 @@ def _generate_rows(
     desc: str,
     batch_size: int,
     gen_kw: dict[str, Any],
-) -> list[str]:
-    """Generate for each (image_index[k], prompts[k]); images are encoded once per batch."""
+    task: str = "caption",
+    stats_fn: GenerationStatsFn | None = None,
+) -> tuple[list[str], _RowStats]:
+    """Generate for each (image_index[k], prompts[k]); images are encoded once per batch.
+    ``stats_fn``: the PEFT methods' statistics of each batch of generations."""
     device = next(model.parameters()).device
     out: list[str] = []
+    stats = _RowStats({}, {})
     for rows in tqdm(list(_batches(len(prompts), batch_size)), desc=desc, disable=None):
         idx = [image_index[k] for k in rows]
         unique = sorted(set(idx))
@@ -262,10 +299,21 @@ def _generate_rows(
         feats = model.encode_images(pixels)
         where = {u: n for n, u in enumerate(unique)}
         feats = feats[torch.tensor([where[i] for i in idx], device=device)]
-        new = generate(model, prompt_ids=[prompts[k] for k in rows], image_features=feats,
-                       **gen_kw)
+        batch_prompts = [prompts[k] for k in rows]
+        new = generate(model, prompt_ids=batch_prompts, image_features=feats, **gen_kw)
         out += [decode_text(tok, ids) for ids in new]
-    return out
+        if stats_fn is not None:
+            stats.add(stats_fn(model, GeneratedBatch(
+                task, feats, batch_prompts, new, gen_kw.get("inputs"), gen_kw.get("mask_mode"),
+            )))
+    return out, stats
+
+
+def _merge_scores(scores: dict[str, float], new: Mapping[str, float], where: str) -> None:
+    clash = sorted(set(scores) & set(new))
+    if clash:
+        raise ValueError(f"{where}: PEFT generation metrics {clash} clash with other metrics")
+    scores.update(new)
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,6 +540,7 @@ def evaluate_run(
     scorer: CaptionScorer | None = None,
     references: References | None = None,
     text_format: TextFormat = PLAIN,
+    generation_stats: GenerationStatsFn | None = None,
 ) -> dict[str, Any]:
     """Evaluate the model saved in ``model_dir`` on ``settings.split`` of the dataset in
     ``data_dir``; ``run``, ``stage``, ``dataset`` label the records.
@@ -520,6 +569,9 @@ def evaluate_run(
             one for this call.
         references: the split's tokenized references (the ``references`` rule's file, loaded
             once per job); default: tokenized here.
+        generation_stats: the PEFT methods' per-row statistics of each batch of captions /
+            answers (``PeftSession.generation_stats``): each metric's mean over the task's rows
+            is a record, each detail goes into the rows' ``predictions.jsonl`` lines.
 
     Returns:
         the ``metrics.json`` object (``schema_version``, ``run``, ``records``, ``missing``).
@@ -561,14 +613,16 @@ def evaluate_run(
     scheme: ResampleScheme | None = None
 
     if cap_ids:
-        preds = _generate_rows(
+        preds, cap_stats = _generate_rows(
             model, processor, ds, list(range(len(ds))),
             [caption_prompt(tok, text_format)] * len(ds), tok,
             desc=f"captions {dataset}/{split}", batch_size=batch_size, gen_kw=gen_kw,
+            task="caption", stats_fn=generation_stats,
         )
         lines += [
-            {"task": "caption", "image_id": i, "prediction": p, "references": list(r)}
-            for i, p, r in zip(cap_ids, preds, cap_refs)
+            {"task": "caption", "image_id": i, "prediction": p, "references": list(r),
+             **cap_stats.row(k)}
+            for k, (i, p, r) in enumerate(zip(cap_ids, preds, cap_refs))
         ]
         with contextlib.ExitStack() as stack:
             if scorer is None:
@@ -588,17 +642,21 @@ def evaluate_run(
         g_scores, g_missing = caption_grounding(preds, scenes, where=f"{dataset}/{split}")
         scores.update(g_scores)
         missing += g_missing
+        _merge_scores(scores, cap_stats.scores(), f"{dataset}/{split} captions")
     if vqa_items:
-        answers = _generate_rows(
+        answers, vqa_stats = _generate_rows(
             model, processor, ds, [q["index"] for q in vqa_items],
             [vqa_prompt(tok, q["question"], text_format) for q in vqa_items], tok,
             desc=f"vqa {dataset}/{split}", batch_size=batch_size, gen_kw=gen_kw,
+            task="vqa", stats_fn=generation_stats,
         )
         lines += [
             {"task": "vqa", "image_id": q["image_id"], "question": q["question"],
-             "answers": list(q["answers"]), "prediction": a, "references": list(q["answers"])}
-            for q, a in zip(vqa_items, answers)
+             "answers": list(q["answers"]), "prediction": a, "references": list(q["answers"]),
+             **vqa_stats.row(k)}
+            for k, (q, a) in enumerate(zip(vqa_items, answers))
         ]
+        _merge_scores(scores, vqa_stats.scores(), f"{dataset}/{split} vqa")
         scores["VQA_acc"] = vqa_score(answers, [q["answers"] for q in vqa_items])
         # resampled by image (its questions together), on the images the captions drew
         vqa_scheme = cfg.resample_scheme(dataset, len(ds))

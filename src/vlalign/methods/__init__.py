@@ -29,6 +29,7 @@ from vlalign.methods import (  # noqa: F401  (registers the methods)
     lora,
     mrm,
     prefix,
+    tcm,
 )
 from vlalign.methods.adapters import Bottleneck, bottleneck_for_budget
 from vlalign.methods.info_bottleneck import InfoBottleneck, gaussian_kl, score_pool

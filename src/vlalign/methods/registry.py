@@ -25,6 +25,9 @@ method:
 - save / load: :meth:`~PeftMethod.save`, :meth:`~PeftMethod.from_pretrained`;
 - inference: :meth:`~PeftMethod.inference_state` (inputs of each generation / scoring forward,
   per inference variant: :attr:`~PeftMethod.variants`);
+- evaluation: :meth:`~PeftMethod.generation_stats` (per-row statistics of one batch of
+  generations, e.g. KLAFT's r_TCM: the evaluation averages them into metrics of the dataset
+  and writes the per-row details into ``predictions.jsonl``);
 - removal: :meth:`~PeftMethod.remove` (``_detach``) undoes the attachment.
 """
 
@@ -34,6 +37,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -190,6 +194,34 @@ def budget_params(lm: nn.Module, budget: int | str) -> int:
     return int(budget)
 
 
+# ---------------------------------------------------------------------------- evaluation
+@dataclass(frozen=True)
+class GeneratedBatch:
+    """One batch of generations as the evaluation made them (:meth:`PeftMethod.generation_stats`):
+    ``task`` ("caption" / "vqa"), the encoder ``image_features`` ``(B, N, d_vision)``, the
+    ``prompts`` and the ``generated`` ids (eos cut) per row, the inference ``inputs``
+    (``B → forward inputs``, :class:`vlalign.methods.stage.InferenceInputs`) and the
+    ``mask_mode`` generation ran under (None: the model's)."""
+
+    task: str
+    image_features: torch.Tensor
+    prompts: Sequence[Sequence[int]]
+    generated: Sequence[Sequence[int]]
+    inputs: Callable[[int], Mapping[str, Any]] | None = None
+    mask_mode: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """What a method measures on a :class:`GeneratedBatch`, one value per row: ``metrics`` (name →
+    a number or None per row; the dataset's metric is the mean over its non-None rows) and
+    ``details`` (key → any JSON value per row, written into that row's ``predictions.jsonl``
+    line as ``<method>.<key>``)."""
+
+    metrics: Mapping[str, Sequence[float | None]] = field(default_factory=dict)
+    details: Mapping[str, Sequence[Any]] = field(default_factory=dict)
+
+
 # ---------------------------------------------------------------------------- base class
 class PeftMethod:
     """Base of every PEFT method. Subclasses set ``defaults`` and implement :meth:`_attach` and
@@ -261,6 +293,12 @@ class PeftMethod:
         :attr:`variants`; ``generator`` is seeded the same (the run's seed) on every call, so a
         random variant gives the same tensors to every forward. Default: no inputs."""
         return {}
+
+    def generation_stats(self, model: nn.Module, batch: GeneratedBatch) -> GenerationStats | None:
+        """Per-row statistics of one batch of evaluation generations (``model``: the evaluated
+        model, in eval mode; it may run forwards with ``batch.inputs``). Called by the
+        evaluation once per generation batch; None (default): nothing to measure."""
+        return None
 
     def size_for_budget(self, lm: nn.Module, n_params: int, cfg: Mapping[str, Any]) -> int:
         """The largest value of :attr:`budget_key` whose parameters on ``lm`` fit in

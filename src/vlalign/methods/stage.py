@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from vlalign.methods.registry import (
+    GeneratedBatch,
+    GenerationStats,
     PeftMethod,
     count_trainable,
     forward_kwargs,
@@ -165,6 +167,30 @@ class PeftSession:
                 f"{[m.name for m in self.methods]} offer {[NORMAL, *offered]}"
             )
         return InferenceInputs(tuple(self.methods), variant, seed)
+
+    def generation_stats(self, model: nn.Module, batch: GeneratedBatch) -> GenerationStats:
+        """Every method's :meth:`PeftMethod.generation_stats` of one batch of evaluation
+        generations: the metrics under the names the methods give (two methods giving one name
+        → ValueError), the details as ``<method>.<key>``."""
+        metrics: dict[str, list[float | None]] = {}
+        details: dict[str, list[Any]] = {}
+        n = len(batch.generated)
+        for m in self.methods:
+            stats = m.generation_stats(model, batch)
+            if stats is None:
+                continue
+            for key, values in [*stats.metrics.items(), *stats.details.items()]:
+                if len(values) != n:
+                    raise ValueError(
+                        f"PEFT method {m.name!r}: generation stat {key!r} has {len(values)} "
+                        f"values for {n} generated rows"
+                    )
+            for name, values in stats.metrics.items():
+                if name in metrics:
+                    raise ValueError(f"PEFT method {m.name!r}: metric {name!r} is given twice")
+                metrics[name] = list(values)
+            details.update({f"{m.name}.{k}": list(v) for k, v in stats.details.items()})
+        return GenerationStats(metrics, details)
 
     # -- bookkeeping -----------------------------------------------------------------------
     def method(self, name: str) -> PeftMethod | None:
