@@ -26,6 +26,7 @@ from vlalign.methods import (  # noqa: F401  (registers the methods)
     info_bottleneck,
     instruction_moe,
     lora,
+    mam,
     prefix,
 )
 from vlalign.methods.adapters import Bottleneck, bottleneck_for_budget
