@@ -119,6 +119,11 @@ def dual_mask_probs(
     return gate * masked_softmax(scores, allowed_c) + (1 - gate) * masked_softmax(scores, allowed_s)
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Softmax and gate in float32 (float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class MamCacheLayer(DynamicLayer):
     """MAM's keys / values in the LM's cache, with the position id of every cached key (the
     gate's column and the key's modality); every cache operation keeps them aligned."""
@@ -212,7 +217,7 @@ class MamBlock(nn.Module):
         index = pos_k[:, None, None, :].expand(batch, q_len, self.gates, pos_k.shape[1])
         a = wb.gather(-1, index).permute(0, 2, 1, 3)  # (B, G, q, kv)
         cb = self.gate_bias[:, pos_q[:, :, None], pos_k[:, None, :]]  # (G, B, q, kv)
-        return threshold_gate((a + cb.permute(1, 0, 2, 3)).float(), self.mu)
+        return threshold_gate(_at_least_fp32(a + cb.permute(1, 0, 2, 3)), self.mu)
 
     def attention_probs(
         self,
@@ -224,9 +229,10 @@ class MamBlock(nn.Module):
         pos_k: torch.Tensor,
         queries: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The mixed probabilities ``(B, h, q, kv)`` (float32) of Eq. 2."""
+        """The mixed probabilities ``(B, h, q, kv)`` of Eq. 2 (float32 at least)."""
         q = self._heads(self.q_proj(x)) if queries is None else queries
-        scores = (q.float() @ keys.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
+        q, keys = _at_least_fp32(q), _at_least_fp32(keys)
+        scores = (q @ keys.transpose(-1, -2)) / math.sqrt(self.head_dim)
         gate = self.gate(x, pos_q, pos_k)
         with torch.no_grad():  # diagnostics: the gate on the text→image pairs M_c allows
             cross = (allowed_c & ~allowed_s).expand_as(gate)
