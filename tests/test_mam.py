@@ -12,6 +12,16 @@ import math
 import pytest
 import torch
 from helpers import N_IMG, lm_config, vision_config
+from peft_fixtures import (
+    RecordingHook,
+    build_peft_world,
+    changed,
+    peft_logits,
+    probe_batch,
+    saved_model,
+    stage_settings,
+    train,
+)
 from transformers import Qwen2ForCausalLM, SiglipVisionModel
 
 from vlalign.methods import apply_methods, count_trainable, load_methods, save_methods
@@ -23,6 +33,7 @@ from vlalign.methods.mam import (
     threshold_gate,
 )
 from vlalign.methods.registry import owner
+from vlalign.methods.stage import load_for_inference
 from vlalign.models.generation import generate
 from vlalign.models.masks import reference_mask
 from vlalign.models.projector import build_projector
@@ -439,3 +450,27 @@ def test_config_and_input_errors(feats):
         logits(vlm, feats, ids, mask)
     assert MamMethod.resolve_config({})["mu"] == 0.5
     assert math.isclose(torch.sigmoid(torch.tensor(math.log(9.0))).item(), 0.9, rel_tol=1e-6)
+
+
+# ------------------------------------------------------------------------------ in a stage
+def test_mam_stage_trains_on_packed_rows_saves_and_reloads(tmp_path):
+    """The real ``train_stage`` + ``peft_hook`` with ``train.packing``: only MAM trains (every
+    tensor of the block moves, the base does not), the saved base model is the clean one, and
+    the reloaded stage gives the in-memory logits."""
+    world = build_peft_world(tmp_path)
+    stage1 = stage_settings("world", "recaption", {"projector": 1e-2}, max_steps=1)
+    base, _ = train(world, "stage1", stage1)
+    probe = probe_batch(world)
+    hook = RecordingHook(probe)
+    peft = {"mam": {"lr": 5e-2, "max_len": 80, "mu": 0.5}}
+    settings = stage_settings(peft=peft, packing=True)
+    stage_dir, res = train(world, "ft_mam", settings, base, hook)
+    n_mam = sum(t.numel() for t in hook.at_attach.methods["mam"].values())
+    assert res["peft"] == ["mam"] and res["trainable_params"] == n_mam
+    moved = changed(hook.at_attach.methods["mam"], hook.at_save.methods["mam"])
+    assert moved == set(hook.at_attach.methods["mam"])  # all of q/k/v/o, gate, norms, FFN
+    assert not changed(hook.at_attach.base, hook.at_save.base)
+    assert not changed(saved_model(base), saved_model(stage_dir))
+    model = VisionLanguageModel.from_pretrained(stage_dir / "model")
+    session = load_for_inference(model, stage_dir)
+    assert torch.equal(peft_logits(model, session, probe), hook.logits)
