@@ -237,8 +237,8 @@ class MamBlock(nn.Module):
         with torch.no_grad():  # diagnostics: the gate on the text→image pairs M_c allows
             cross = (allowed_c & ~allowed_s).expand_as(gate)
             self.last_gate_stats = (
-                torch.stack([gate[cross].sum(), (gate[cross] > 0).sum().float()]),
-                cross.sum().float(),
+                torch.stack([(gate * cross).sum(), ((gate > 0) & cross).sum().to(gate.dtype)]),
+                cross.sum().to(gate.dtype),
             )
         return dual_mask_probs(scores, allowed_c, allowed_s, gate)
 
