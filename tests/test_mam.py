@@ -125,8 +125,8 @@ def tiny_block(gate_per_head: bool = False, seed: int = 0) -> MamBlock:
 
 def hand_probs(block, x, allowed, pos_q, pos_k, gate_fn):
     """Eq. 2 before ``·V`` written out row by row: ``B ⊙ softmax_Mc + (1−B) ⊙ softmax_Ms``."""
-    q = block.q_proj(x).view(x.shape[0], -1, 2, 4).transpose(1, 2)
-    k = block.k_proj(x).view(x.shape[0], -1, 2, 4).transpose(1, 2)
+    q = block.query(x).view(x.shape[0], -1, 2, 4).transpose(1, 2)
+    k = block.key(x).view(x.shape[0], -1, 2, 4).transpose(1, 2)
     out = torch.zeros(x.shape[0], 2, x.shape[1], x.shape[1], dtype=x.dtype)
     for b in range(x.shape[0]):
         for h in range(2):
@@ -162,7 +162,7 @@ def test_dual_mask_attention_by_hand(gate_per_head):
     assert torch.equal(allowed_s[0, 0, :3, :3], allowed_c[0, 0, :3, :3])
     assert not allowed_s[..., 5].any() and not allowed_c[..., 5].any()
     xn = block.attn_norm(x)
-    k = block._heads(block.k_proj(xn))
+    k = block._heads(block.key(xn))
     wb = block.gate_proj.weight.view(block.gates, 12, 8)  # rows of W_bᵀ per gate and column
 
     def gate_fn(b, h, i, j):
@@ -244,7 +244,7 @@ def test_identity_at_attach_and_trainable_count(feats):
     vlm = make_vlm()
     ref = logits(vlm, feats, ids, mask)
     method = attach(vlm)
-    assert torch.equal(logits(vlm, feats, ids, mask), ref)  # zero o_proj / down: identity
+    assert torch.equal(logits(vlm, feats, ids, mask), ref)  # zero out / down: identity
     n = sum(p.numel() for p in method.module.parameters())
     d, ffn, n_len = 64, 128, 512
     assert n == 4 * (d * d + d) + d * n_len + n_len * n_len + (d * ffn + ffn + ffn * d + d) + 2 * d
@@ -265,7 +265,7 @@ def test_gradients_reach_the_block_only_and_a_shut_gate_gets_none(feats):
     vlm.train()
     vlm(input_ids=ids, attention_mask=mask, labels=ids, image_features=feats).loss.backward()
     grads = {n: p.grad for n, p in method.module.named_parameters()}
-    assert grads["o_proj.weight"].abs().sum() > 0 and grads["down.weight"].abs().sum() > 0
+    assert grads["out.weight"].abs().sum() > 0 and grads["down.weight"].abs().sum() > 0
     assert all(p.grad is None for n, p in vlm.named_parameters() if owner(p) is None)
     randomise(method)
     for value in (OPEN, SHUT):
@@ -273,7 +273,7 @@ def test_gradients_reach_the_block_only_and_a_shut_gate_gets_none(feats):
         method.module.zero_grad()
         vlm(input_ids=ids, attention_mask=mask, labels=ids, image_features=feats).loss.backward()
         grads = {n: p.grad for n, p in method.module.named_parameters()}
-        for name in ("q_proj.weight", "k_proj.weight", "v_proj.weight", "up.weight"):
+        for name in ("query.weight", "key.weight", "value.weight", "up.weight"):
             assert grads[name].abs().sum() > 0, name
         gate_grad = grads["gate_bias"].abs().sum() + grads["gate_proj.weight"].abs().sum()
         # σ'(30) underflows to 0 as well: both extremes are flat; in between the gate learns
@@ -376,6 +376,19 @@ def test_composes_with_a_prefix_and_with_dma(feats):
     ids, mask = text_batch(len(PROMPTS))
     out = logits(vlm, feats, ids, mask, past_key_values=prefix.cache_fn(len(PROMPTS)))
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("other", [("lora", {"r": 2}), ("dma", {"rank": 2})], ids=["lora", "dma"])
+def test_name_based_methods_attached_later_leave_the_block_alone(feats, other):
+    """LoRA and DMA target linears by name (``q_proj`` …): MAM's own projections are named
+    otherwise, so neither wraps them, and cached generation still equals recomputation."""
+    vlm = make_vlm()
+    mam, _ = apply_methods(vlm, [("mam", {}), other])
+    randomise(mam)
+    linears = {n: type(m) for n, m in mam.module.named_modules() if n and "norm" not in n}
+    assert linears == {n: torch.nn.Linear for n in ("query", "key", "value", "out", "gate_proj",
+                                                     "up", "down")}  # fmt: skip
+    assert gen(vlm, feats) == gen(vlm, feats, use_cache=False)
 
 
 # ------------------------------------------------------------------------------ life cycle

@@ -192,10 +192,10 @@ class MamBlock(nn.Module):
         self.max_len, self.mu = max_len, float(mu)
         self.gates = num_heads if gate_per_head else 1
         self.attn_norm = nn.RMSNorm(hidden, eps=eps)
-        self.q_proj = nn.Linear(hidden, hidden)
-        self.k_proj = nn.Linear(hidden, hidden)
-        self.v_proj = nn.Linear(hidden, hidden)
-        self.o_proj = nn.Linear(hidden, hidden)
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(hidden, hidden)
+        self.value = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, hidden)
         self.gate_proj = nn.Linear(hidden, self.gates * max_len, bias=False)  # W_b
         self.gate_bias = nn.Parameter(  # C_b
             torch.full((self.gates, max_len, max_len), math.log(gate_init / (1 - gate_init)))
@@ -203,7 +203,7 @@ class MamBlock(nn.Module):
         self.ffn_norm = nn.RMSNorm(hidden, eps=eps)
         self.up = nn.Linear(hidden, ffn_dim)
         self.down = nn.Linear(ffn_dim, hidden)
-        for layer in (self.o_proj, self.down, self.gate_proj):  # identity, uniform gate at init
+        for layer in (self.out, self.down, self.gate_proj):  # identity, uniform gate at init
             nn.init.zeros_(layer.weight)
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
@@ -230,7 +230,7 @@ class MamBlock(nn.Module):
         queries: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The mixed probabilities ``(B, h, q, kv)`` of Eq. 2 (float32 at least)."""
-        q = self._heads(self.q_proj(x)) if queries is None else queries
+        q = self._heads(self.query(x)) if queries is None else queries
         q, keys = _at_least_fp32(q), _at_least_fp32(keys)
         scores = (q @ keys.transpose(-1, -2)) / math.sqrt(self.head_dim)
         gate = self.gate(x, pos_q, pos_k)
@@ -259,7 +259,7 @@ class MamBlock(nn.Module):
         batch, q_len, _ = hidden.shape
         pos_q = position_ids.expand(batch, q_len).long()
         x = self.attn_norm(hidden)
-        q, k, v = (self._heads(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (self._heads(p(x)) for p in (self.query, self.key, self.value))
         if cache is not None:
             k, v, pos_k = cache.append(k, v, pos_q)
         else:
@@ -277,7 +277,7 @@ class MamBlock(nn.Module):
             allowed_s = modality_independent(allowed_c, pos_q < end, pos_k < end)
         probs = self.attention_probs(x, k, allowed_c, allowed_s, pos_q, pos_k, queries=q)
         attn = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(batch, q_len, -1)
-        hidden = hidden + self.o_proj(attn)
+        hidden = hidden + self.out(attn)
         return hidden + self.down(F.relu(self.up(self.ffn_norm(hidden))))
 
 
