@@ -27,6 +27,7 @@ from vlalign.methods import (  # noqa: F401  (registers the methods)
     instruction_moe,
     itm,
     lora,
+    mam,
     mrm,
     prefix,
     tcm,
