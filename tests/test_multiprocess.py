@@ -45,7 +45,12 @@ def _settings(kind: str, micro: int) -> dict[str, Any]:
         )  # fmt: skip
     return peft_stage_settings(
         lr={"vision": 0, "projector": 1e-3, "lm": 0},
-        peft={"prefix": {"lr": 1e-2, "num_prefix": 4}, "lora": {"lr": 1e-2, "r": 4}},
+        # no LoRA dropout: its masks come from each process's RNG, so 1 and 2 processes would
+        # drop different units (the comparison is of the all-reduce, not of dropout draws)
+        peft={
+            "prefix": {"lr": 1e-2, "num_prefix": 4},
+            "lora": {"lr": 1e-2, "r": 4, "dropout": 0.0},
+        },
         **common,
     )
 
@@ -201,6 +206,44 @@ def test_stage0_noise_differs_per_rank(runs):
     # rank 0 keeps the single-process seeds of its micro-batch 0
     one = runs["one"]["noisy"][0]["noise"]
     assert [s for s, *_ in rank0["noise"]] == [s for s, *_ in one[::2]]
+
+
+# ------------------------------------------------------------ FSDP: the config and its selection
+FSDP_CONFIG = HERE.parent / "slurm" / "accelerate" / "fsdp.yaml"
+
+
+def _launch_args(argv: list[str]):
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    return _validate_launch_command(launch_command_parser().parse_args(argv))[0]
+
+
+def test_fsdp_config_is_selected_by_the_train_command():
+    """What `accelerate launch` makes of the command the train_stage rule runs with
+    ``accelerate_config: slurm/accelerate/fsdp.yaml``: FSDP2, full state dict, one unit per
+    decoder layer (FSDP itself cannot run on a CPU-only machine: docs/cluster.md)."""
+    import shlex
+
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    from vlalign.train.launch import NUM_PROCESSES, train_command
+
+    assert train_command(None, python="py") == "py -m vlalign train"
+    cmd = train_command(str(FSDP_CONFIG), python="py")
+    argv = shlex.split(cmd.replace(NUM_PROCESSES, "2"))
+    assert argv[:3] == ["py", "-m", "accelerate.commands.launch"]
+    assert argv[-5:] == ["-m", "vlalign", "train", "--launch", "here"]
+    args = _launch_args([*argv[3:], "--params", "{}"])
+    assert args.use_fsdp and not args.multi_gpu and args.num_processes == 2
+    env = prepare_multi_gpu_env(args)
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    assert env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
+    assert "Qwen2DecoderLayer" in env["FSDP_TRANSFORMER_CLS_TO_WRAP"].split(",")
+    # why the rule does not go through `vlalign train`'s own re-exec: its --multi_gpu wins
+    # over the config's distributed_type, and the run would be plain DDP
+    assert not _launch_args(["--multi_gpu", *argv[3:]]).use_fsdp
+    with pytest.raises(FileNotFoundError, match="no-such.yaml"):
+        train_command("no-such.yaml")
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--job"]:
