@@ -126,7 +126,8 @@ def test_profile_signals_training_before_the_time_limit() -> None:
         assert not per_rule[rule].get("slurm_extra"), rule
     # the trainer replaces the rule's bash, which SIGTERM would kill before the checkpoint
     train_smk = (REPO / "workflow" / "rules" / "train.smk").read_text()
-    assert '"exec {VLALIGN} train ' in train_smk
+    assert '"exec {params.launch} --params ' in train_smk
+    assert 'else f"{VLALIGN} train"' in train_smk  # params.launch without accelerate_config
 
 
 def test_profile_rule_names_exist_in_workflow() -> None:

@@ -1,6 +1,7 @@
 # Training: the frozen-feature cache and one job per content-hashed stage (shared prefixes of
 # run chains are trained once).
 from vlalign.runs.plan import plan, run_eval_settings
+from vlalign.train.launch import train_command
 
 STAGES, RUNS = plan(config)
 FEATURE_DATASET = {n.feature_key: n.dataset for n in STAGES.values() if n.feature_key}
@@ -63,6 +64,13 @@ def optional_args(wildcards, input):
     return args
 
 
+def train_launch(wildcards, resources):
+    """`vlalign train`, or `accelerate launch` with the accelerate config the profile names
+    (resource `accelerate_config`, e.g. slurm/accelerate/fsdp.yaml): vlalign.train.launch."""
+    config_file = str(getattr(resources, "accelerate_config", "") or "")
+    return train_command(config_file) if config_file else f"{VLALIGN} train"
+
+
 rule train_stage:
     input:
         unpack(stage_inputs),
@@ -73,6 +81,7 @@ rule train_stage:
         args=optional_args,
         # Not an output: Snakemake deletes outputs of failed jobs, the checkpoint must survive.
         ckpt=lambda w: f"{R}/checkpoints/{w.hash}",
+        launch=train_launch,
     log:
         f"{R}/logs/train_stage/{{hash}}.log",
     benchmark:
@@ -80,6 +89,6 @@ rule train_stage:
     # exec: the trainer replaces the job's bash, which would die of SLURM's SIGTERM (preemption,
     # --signal) and make Snakemake fail the job while the trainer still writes its checkpoint.
     shell:
-        "exec {VLALIGN} train --params {params.p:q} --out {output} --checkpoint-dir {params.ckpt}"
+        "exec {params.launch} --params {params.p:q} --out {output} --checkpoint-dir {params.ckpt}"
         " --tokenizer {input.tokenizer} --vision {input.vision} --lm {input.lm}"
         " --data {input.data}{params.args} > {log} 2>&1"

@@ -214,6 +214,18 @@ class PeftSession:
         earlier = [p for m in self.methods if m.name in before for p in m.trainable_parameters()]
         return count_trainable(model, *[m.module for m in self.methods], also=earlier)
 
+    def modules_outside(self, model: nn.Module) -> list[nn.Module]:
+        """The methods' modules holding parameters that are not in ``model``'s module tree
+        (e.g. the prefix encoder, which feeds the forward through :meth:`forward_kwargs`): a
+        distributed wrapper of ``model`` alone would not all-reduce / shard their gradients,
+        so the trainer wraps them with it (``vlalign.train.loop.TrainForward``)."""
+        inside = {id(p) for p in model.parameters()}
+        return [
+            m.module
+            for m in self.methods
+            if m.module is not None and any(id(p) not in inside for p in m.module.parameters())
+        ]
+
     def state_dict(self) -> dict[str, dict]:
         return {m.name: m.state_dict() for m in self.methods}
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.utils import parse_flag_from_env
 from datasets import load_from_disk
 from tqdm.auto import tqdm
 
@@ -319,6 +320,26 @@ def plan_steps(n_samples: int, settings: StageSettings, processes: int, name: st
     return StepPlan(global_batch, micro, steps_per_epoch, total)
 
 
+class TrainForward(torch.nn.Module):
+    """The module accelerate prepares (wraps in DDP / shards with FSDP): the VLM together with
+    the PEFT modules outside its tree (:meth:`PeftSession.modules_outside`, e.g. the prefix
+    encoder), whose forward inputs (``PeftSession.forward_kwargs``) are computed *inside* this
+    forward. Without it a prefix encoder's gradients were never all-reduced, and the ranks'
+    encoders diverged. It owns no state: the VLM and the methods keep theirs (checkpoints and
+    stage outputs are written from them, unchanged); one process sees the same computation in
+    the same order as a bare VLM forward."""
+
+    def __init__(self, vlm: VisionLanguageModel, peft=None):
+        super().__init__()
+        self.vlm = vlm
+        self.outside = torch.nn.ModuleList(peft.modules_outside(vlm) if peft else [])
+        self.__dict__["peft"] = peft  # a plain attribute: not a module
+
+    def forward(self, batch: Mapping[str, torch.Tensor], **kwargs: Any):
+        extra = self.peft.forward_kwargs(len(batch["input_ids"])) if self.peft else {}
+        return self.vlm(**batch, **kwargs, **extra)
+
+
 @dataclass
 class StageSession:
     """What every step of one stage's training shares (built by :func:`build_session`)."""
@@ -330,7 +351,7 @@ class StageSession:
     paths: StagePaths
     accelerator: Accelerator
     tokenizer: Any
-    model: torch.nn.Module  # as prepared by accelerate (wrapped with several processes)
+    model: torch.nn.Module  # the TrainForward as prepared by accelerate (DDP / FSDP)
     unwrapped: VisionLanguageModel
     peft: Any  # vlalign.methods.stage.PeftSession, or None for a plain stage
     optimizer: torch.optim.Optimizer
@@ -359,6 +380,13 @@ class StageSession:
     @property
     def processes(self) -> int:
         return self.accelerator.num_processes
+
+
+def process_state() -> PartialState:
+    """This launch's processes. Read ``ACCELERATE_USE_CPU`` as ``AcceleratorState`` does: the
+    first ``PartialState`` fixes the backend for the whole process, and without ``cpu=True`` a
+    CPU launch (gloo) would make every rank a lone main process."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def make_accelerator(log_with: str | None = None, project_dir: Path | None = None) -> Accelerator:
@@ -435,7 +463,7 @@ def build_session(
     )
     optimizer, scheduler = build_optimizer(groups, settings, steps.total)
     trainable = [p for g in groups for p in g["params"]]
-    model, optimizer = accelerator.prepare(model, optimizer)
+    wrapped, optimizer = accelerator.prepare(TrainForward(model, peft), optimizer)
     return StageSession(
         name=name,
         stage_hash=stage_hash,
@@ -444,8 +472,8 @@ def build_session(
         paths=paths,
         accelerator=accelerator,
         tokenizer=tokenizer,
-        model=model,
-        unwrapped=accelerator.unwrap_model(model),
+        model=wrapped,
+        unwrapped=model,
         peft=peft,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -517,6 +545,14 @@ def make_batches(session: StageSession) -> StepBatches:
     )
 
 
+def _sum_over_processes(acc: Accelerator, values: list[float]) -> list[float]:
+    """``values`` summed over the processes (all-reduce); as given with one process."""
+    if acc.num_processes == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=acc.device)
+    return acc.reduce(t, reduction="sum").tolist()
+
+
 def train_step(session: StageSession, step: int) -> dict[str, float]:
     """One optimizer step (gradient accumulation over micro-batches); → its log row."""
     t0 = time.perf_counter()
@@ -526,7 +562,10 @@ def train_step(session: StageSession, step: int) -> dict[str, float]:
         session.batches = make_batches(session)
     step_batch = session.batches.get(step)
     micro_batches = step_batch.micro_batches
-    n_sup = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
+    # supervised tokens of the whole step, over all processes: every rank weighs its tokens
+    # by the global count, so the all-reduced gradient is the global batch's token mean
+    n_local = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
+    n_sup = int(_sum_over_processes(acc, [n_local])[0])
     if n_sup == 0:
         raise RuntimeError(
             f"stage {session.name}: the batch of step {step} has no supervised tokens (all "
@@ -543,18 +582,17 @@ def train_step(session: StageSession, step: int) -> dict[str, float]:
         last = k == len(micro_batches) - 1
         ctx = acc.no_sync(model) if not last and world > 1 else contextlib.nullcontext()
         with ctx, acc.autocast():
-            extra_kw = session.peft.forward_kwargs(len(batch["input_ids"])) if session.peft else {}
-            out = model(
-                **batch,
+            out = model(  # TrainForward: the PEFT methods' inputs are added inside
+                batch,
                 noise_fraction=settings.noise,
                 generator=noise_gen,
                 # packed rows as long as the stage's longest sample (N + max_length)
                 packing=settings.max_length if settings.packing else False,
-                **extra_kw,
             )
             # the LM loss plus the trained methods' auxiliary losses (exactly out.loss without)
             micro_loss = session.peft.total_loss(out, batch) if session.peft else out.loss
-            loss = micro_loss * (n / n_sup)  # token-weighted mean over the global batch
+            # token-weighted mean over the global batch; × world: DDP averages the ranks' grads
+            loss = micro_loss * (n * world / n_sup)
             acc.backward(loss)
         for key, value in getattr(session.peft, "last_terms", {}).items():
             terms[key] = terms.get(key, 0.0) + value * n / n_sup
@@ -563,6 +601,10 @@ def train_step(session: StageSession, step: int) -> dict[str, float]:
         n_tokens += int(batch["attention_mask"].sum()) + out.num_image_tokens * len(
             batch["input_ids"]
         )
+    if world > 1:  # the log's loss and terms are the global batch's, as one process logs them
+        keys = sorted(terms)
+        loss_sum, *values = _sum_over_processes(acc, [loss_sum, *(terms[k] for k in keys)])
+        terms = dict(zip(keys, values, strict=True))
     max_norm = settings.max_grad_norm or float("inf")  # None: no clipping
     grad_norm = float(acc.clip_grad_norm_(session.trainable, max_norm))
     lr_now = max(g["lr"] for g in session.optimizer.param_groups)  # the LR this step used
@@ -703,7 +745,7 @@ def train_stage(
     (:func:`~vlalign.train.preemption.checkpoint_lock`). On SIGTERM / SIGUSR1 the step in
     progress is finished and checkpointed, then :class:`~vlalign.train.preemption.Preempted` is
     raised (``vlalign train`` exits with its code); a rerun resumes from that step."""
-    main = PartialState().is_main_process
+    main = process_state().is_main_process
     with checkpoint_lock(paths.checkpoint_dir, name) if main else contextlib.nullcontext():
         session = build_session(
             settings,
@@ -718,7 +760,10 @@ def train_stage(
         try:
             train_steps(session, start_step, rows)
         finally:
-            session.accelerator.end_training()  # flush the trackers' events (also if stopped)
+            # flush the trackers' events (also if stopped); not end_training(): it also
+            # destroys the process group, which finish() (a barrier) and a next stage need
+            for tracker in session.accelerator.trackers:
+                tracker.finish()
         return finish(session, rows)
 
 
