@@ -21,6 +21,8 @@ sys.path.insert(0, str(REPO_ROOT / "bench"))
 import bench_paper_smoke  # noqa: E402
 from paper_size import MID_LM, MID_VISION, bf16_peak, mfu  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real Snakemake: 7 jobs, each its own Python process
+
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> tuple[dict, Path]:
