@@ -86,6 +86,9 @@ def test_results_file_has_versions_and_params(smoke) -> None:
     assert report["machine"]["transformers"] == transformers.__version__
     assert report["machine"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert report["overlay"]["runs"]["paper_smoke"]["chain"][1]["stage"] == "ft_lora"
+    # the exact peak of the largest job holds at least the LM it trained
+    sampled = report["stages"]["stage1"]["job_peak_rss_mib"]
+    assert report["largest_job_peak_rss_mib"] >= 0.5 * sampled
     json.dumps(report)  # JSON-able as written
 
 
