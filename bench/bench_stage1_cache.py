@@ -26,13 +26,10 @@ import argparse
 import csv
 import logging
 import math
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -49,81 +46,11 @@ from vlalign.train.features import build_feature_cache
 from vlalign.train.loop import StagePaths, train_stage
 from vlalign.train.optim import MODULES
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the paper-size configs, the bf16 peaks and the machine description have one home
+from paper_size import PAPER_LM, PAPER_VISION, bf16_peak, machine_info  # noqa: E402
+
 OUT_DIR = Path(__file__).parent / "out"
-
-# Dense bf16 tensor-core peaks (FLOP/s, no sparsity), by a lower-case substring of the device
-# name; the first match wins, so specific variants come before their family.
-BF16_PEAK = [
-    ("gh200", 989e12),
-    ("h200", 989e12),
-    ("h100 pcie", 756e12),
-    ("h100 nvl", 835e12),
-    ("h100", 989e12),  # SXM
-    ("h800", 989e12),
-    ("b200", 2250e12),
-    ("a100", 312e12),
-    ("a800", 312e12),
-    ("l40s", 362e12),
-    ("l40", 181e12),
-    ("l4", 121e12),
-    ("a10", 125e12),
-    ("rtx 4090", 165e12),
-    ("rtx 3090", 71e12),
-]
-
-# SigLIP so400m-patch14-224 and Qwen2.5-0.5B, from their published configs.
-PAPER_VISION = {
-    "hidden_size": 1152,
-    "intermediate_size": 4304,
-    "num_hidden_layers": 27,
-    "num_attention_heads": 16,
-    "image_size": 224,
-    "patch_size": 14,
-}
-PAPER_LM = {
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "vocab_size": 151936,
-    "max_position_embeddings": 32768,
-    "rope_theta": 1_000_000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True,
-}
-
-
-def bf16_peak(device_name: str) -> float | None:
-    name = device_name.lower()
-    return next((peak for key, peak in BF16_PEAK if key in name), None)
-
-
-def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_avg_1m": os.getloadavg()[0],
-        "torch": version("torch"),
-        "transformers": version("transformers"),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-    }
-    try:  # the CPU model, where Linux tells it
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpu_count"] = torch.cuda.device_count()
-        info["cuda"] = torch.version.cuda
-    return info
-
 
 # ------------------------------------------------------------------------------ inputs
 def build_world(root: Path, world_cfg: dict, n_train: int, seed: int) -> Path:
