@@ -187,6 +187,7 @@ def test_interrupted_download_resumes_without_refetching(tmp_path: Path, server:
     assert dict(server.hits) == {f"/img/{i}.png": 1 for i in range(N_GOOD)}  # none refetched
     assert stats["succeeded"] == N_GOOD and stats["failures"] == {}
     assert sum(len(ds) for ds in load_from_disk(str(out)).values()) == N_GOOD
+    assert sorted(p.name for p in work.iterdir()) == ["request.json", "shards", "urls.parquet"]
 
     # a finished work dir: a rebuild of the output fetches nothing at all
     again = download_dataset("cc", spec, tmp_path / "data" / "cc2", work)

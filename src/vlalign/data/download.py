@@ -25,6 +25,11 @@ Outputs, next to the saved ``DatasetDict`` in the output directory:
 ``failures.parquet``
     One row per skipped URL-list row: ``row``, ``url``, ``caption``, ``reason``, ``message``.
 
+The work directory keeps img2dataset's shards (``shards/<id>.parquet``: every row with its
+status, error message and image bytes; ``<id>_stats.json`` once a shard is finished): about
+the size of the dataset again. Delete it to reclaim the space once the output is there (a rerun
+of the rule then fetches everything again).
+
 Choices (not fixed by issue 15): images are kept as served (img2dataset's re-encoding is
 disabled, so the bytes, and their sha256 in ``meta``, are the server's); they are checked with
 the same decoder as every other source (:func:`vlalign.data.sources._rgb_bytes`) and a row whose
@@ -217,7 +222,7 @@ def preflight(name: str, path: Path, urls: list[str | None], timeout: float) -> 
         pass
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
-    for fut, ep in futures.items():
+    for ep in futures.values():
         errors.setdefault(f"{ep[0]}:{ep[1]}", f"no answer within {timeout:g}s")
     raise DownloadError(
         f"dataset '{name}': cannot reach any host of the first URLs of {path} "
@@ -440,6 +445,10 @@ def download_dataset(name: str, spec: dict, out: str | Path, work_dir: str | Pat
         save_dataset(dsd, tmp)
         pq.write_table(failures, tmp / FAILURES_FILE)
         (tmp / STATS_FILE).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    # The output holds the images now: keep only the fetched shards (a rerun, e.g. with other
+    # splits, converts them again without a request), not a second and third copy.
+    for d in (work / "cache", good_dir, fail_dir):
+        shutil.rmtree(d, ignore_errors=True)
     log.info("dataset %s: %d of %d rows fetched, failures %s, splits %s", name, n_good,
              table.num_rows, reasons, stats["splits"])
     return stats
