@@ -100,11 +100,25 @@ def check_references(config: dict[str, Any], source: str = "config") -> None:
             for name in config[kind]["pretrain"]["datasets"]:
                 need(f"{kind}.pretrain.datasets", name)
     _check_scene_prefix(config, source)
+    _check_downloads(config, source)
     if tok["source"] == "train" and config.get("lm", {}).get("source") not in (None, "tiny"):
         raise ConfigError(
             f"{source}: tokenizer.source 'train' needs lm.source 'tiny'; "
             "a pre-trained LM brings its own tokenizer (tokenizer.source: from_lm)"
         )
+
+
+def _check_downloads(config: dict[str, Any], source: str) -> None:
+    """A ``download`` block belongs to a ``urls:`` source (vlalign.data.download), whose
+    ``header: false`` needs the column ``names``."""
+    for name, spec in config["datasets"].items():
+        block, is_urls = spec.get("download"), spec.get("source", "").startswith("urls:")
+        if block is not None and not is_urls:
+            raise ConfigError(f"{source}: datasets.{name}.download is only for a URL list "
+                              f"(source urls:<path>), not source {spec.get('source')!r}")
+        if is_urls and block and block.get("header") is False and not block.get("names"):
+            raise ConfigError(f"{source}: datasets.{name}.download.header is false: give the "
+                              f"column names in datasets.{name}.download.names")
 
 
 def _check_scene_prefix(config: dict[str, Any], source: str) -> None:

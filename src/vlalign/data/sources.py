@@ -13,7 +13,9 @@ One entry point, :func:`load_source`, turns a dataset spec from the config into 
     ``llava`` (LLaVA-ReCap-118K / -558K, LLaVA-NeXT-Data), ``coco_karpathy``
     (yerevann/coco-karpathy, images read from ``image_root/filepath/filename``), ``flickr30k``
     (nlphuji/flickr30k, lmms-lab/flickr30k), ``flickr8k`` (jxie/flickr8k), ``pathvqa``
-    (flaviagiammarino/path-vqa), and seed 001's (PETAL) ``textcaps`` (lmms-lab/TextCaps),
+    (flaviagiammarino/path-vqa), ``url_captions`` (an image and one caption per row: what
+    :mod:`vlalign.data.download` makes of a ``urls:<path>`` URL list), and seed 001's (PETAL)
+    ``textcaps`` (lmms-lab/TextCaps),
     ``okvqa`` (lmms-lab/OK-VQA), ``aokvqa`` (HuggingFaceM4/A-OKVQA) and ``textvqa``
     (lmms-lab/textvqa). A VQA source with one row per question keeps one qa pair per row, with
     the question id as ``image_id``.
@@ -311,6 +313,13 @@ def _norm_aokvqa(r: _Row, ctx: _Ctx) -> dict[str, Any]:
     return rec
 
 
+def _norm_url_caption(r: _Row, ctx: _Ctx) -> dict[str, Any]:
+    """One image with one caption, as fetched from a URL list (``vlalign.data.download``):
+    the URL and the other preset fields the source has go to ``meta``."""
+    return {"image": _image(r), "captions": _captions(r), "recaption": "", "qa": [],
+            "conversations": [], "meta": _extras(r, ("image", "captions", "image_id"))}
+
+
 _SPLIT_EQ = {"train": ("train",), "val": ("val", "validation", "dev"), "test": ("test",)}
 
 PRESETS: dict[str, Preset] = {
@@ -398,6 +407,15 @@ PRESETS: dict[str, Preset] = {
                  "ocr_tokens": "ocr_tokens"},
         required=("image", "question", "answers"),
         normalise=_norm_vqa,
+        id_field="image_id",
+    ),
+    # Image + one caption per row (Conceptual Captions, LAION-style URL lists once fetched by
+    # vlalign.data.download, which writes these columns; also any local parquet of that shape).
+    "url_captions": Preset(
+        columns={"image": "image", "captions": "caption", "image_id": "image_id", "url": "url",
+                 "sha256": "sha256"},
+        required=("image", "captions"),
+        normalise=_norm_url_caption,
         id_field="image_id",
     ),
 }
@@ -698,9 +716,13 @@ def load_source(name: str, spec: dict, world_cfg: dict | None = None,
         if src_names and set(src_names) - set(raw):
             raise SourceError(f"dataset '{name}': `splits` names source splits "
                               f"{sorted(set(src_names) - set(raw))} not in {list(raw)}")
+    elif source.startswith("urls:"):
+        raise SourceError(f"dataset '{name}': source {source!r} is a URL list: its images are "
+                          f"fetched by the download rule (python -m vlalign.data.download), "
+                          f"not by load_source")
     else:
         raise SourceError(f"dataset '{name}': unknown source {source!r} "
-                          f"(synthetic | hf:<id>[@rev] | local:<path>)")
+                          f"(synthetic | hf:<id>[@rev] | local:<path> | urls:<path>)")
     _check_columns(name, fmt, preset, columns, raw)
     # Remember where every row came from, so errors and meta can point at the source row.
     raw = DatasetDict({
