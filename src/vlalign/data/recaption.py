@@ -248,15 +248,6 @@ def expand_recaptions(config: dict[str, Any], source: str = "config") -> list[Re
                       "run is trained (directly or not) on its own recaptions")
 
 
-def recaption_of(config: Mapping[str, Any], dataset: str) -> RecaptionSpec | None:
-    """The entry producing ``dataset``, or None for a dataset of ``datasets:``'s own."""
-    src = str(config["datasets"].get(dataset, {}).get("source", ""))
-    if not src.startswith(SOURCE_PREFIX):
-        return None
-    name = src[len(SOURCE_PREFIX):]
-    return next(s for s in resolve_recaptions(config) if s.name == name)
-
-
 # ---------------------------------------------------------------------------------------------
 # Rows, shards and batches.
 
@@ -500,6 +491,6 @@ def hf_captioner(path_or_id: str, *, revision: str | None, prompt: str, num_beam
 
 __all__ = [
     "Captioner", "RecaptionSpec", "expand_recaptions", "hf_captioner", "merge", "output_name",
-    "parse_captioner", "quality_records", "recaption_key", "recaption_of", "resolve_recaptions",
+    "parse_captioner", "quality_records", "recaption_key", "resolve_recaptions",
     "run_captioner", "run_shard", "shard_batches",
 ]
