@@ -336,7 +336,11 @@ def test_snakemake_dry_run_paper_recipe_offline(snakemake, tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stdout
     counts = _job_counts(proc.stdout)
     cfg = load_config(PAPER)
-    assert counts.get("dataset") == len(cfg["datasets"]), counts
+    recaptioned = {d for d, s in cfg["datasets"].items() if s["source"].startswith("recaption:")}
+    assert counts.get("dataset") == len(cfg["datasets"]) - len(recaptioned), counts
+    # COCO recaptioned by LLaVA-NeXT (docs/recaption.md): its shards, then the merge
+    assert counts.get("recaption_shard") == cfg["recaptions"]["llava_next"]["shards"], counts
+    assert counts.get("recaption_merge") == len(recaptioned) == 1, counts
     assert counts.get("backbone") == 2, counts
     assert counts.get("tokenizer") == 1, counts
     for name in cfg["datasets"]:

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from slurm_fixture import PROFILE, REPO, SCRIPT, SlurmCluster, slurm_cluster  # noqa: F401
 
-GPU_RULES = {"train_stage", "evaluate", "features", "rank_before_peft"}
+GPU_RULES = {"train_stage", "evaluate", "features", "rank_before_peft", "recaption_shard"}
 CPU_RULES = {"dataset", "tokenizer", "backbone", "reference_rank", "aggregate",
              "tables", "plots"}
 

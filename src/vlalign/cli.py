@@ -190,6 +190,39 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     log.info("evaluated %s -> %s", p["run"], job.out_dir)
 
 
+def cmd_recaption_shard(args: argparse.Namespace) -> None:
+    """Caption one shard of a dataset's rows (:func:`vlalign.data.recaption.run_shard`)."""
+    from vlalign.data import recaption as rc
+
+    p = args.params
+    for key in ("captioner", "num_beams", "max_new_tokens", "batch_size", "shards"):
+        if key not in p:
+            raise ValueError(f"recaption-shard --params: missing key {key!r}")
+    cap = rc.parse_captioner(p["captioner"], "recaption-shard --params.captioner")
+    gen = {"num_beams": p["num_beams"], "max_new_tokens": p["max_new_tokens"]}
+
+    def load() -> rc.CaptionFn:
+        if cap.scheme == "run":
+            if not (args.stage and args.tokenizer and args.vision):
+                raise ValueError("a run: captioner needs --stage, --tokenizer and --vision")
+            return rc.run_captioner(args.stage, args.tokenizer, args.vision,
+                                    text_settings=p.get("text_settings") or {}, **gen)
+        return rc.hf_captioner(cap.ident, revision=cap.revision, prompt=p["prompt"],
+                               dtype=p.get("dtype", "auto"), **gen)
+
+    n = rc.run_shard(args.data, args.parts_dir, shards=p["shards"], shard=args.shard,
+                     batch_size=p["batch_size"], load_captioner=load, done=args.done)
+    log.info("recaption shard %d: %d batches captioned -> %s", args.shard, n, args.parts_dir)
+
+
+def cmd_recaption_merge(args: argparse.Namespace) -> None:
+    """The recaptioned dataset from its shards (:func:`vlalign.data.recaption.merge`)."""
+    from vlalign.data.recaption import merge
+
+    q = merge(args.data, args.parts_dir, args.out, info=args.params)
+    log.info("recaptioned dataset -> %s (%d quality records)", args.out, len(q["records"]))
+
+
 def cmd_references(args: argparse.Namespace) -> None:
     """The split's reference captions, PTB-tokenized once for every run evaluated on it."""
     from vlalign.eval.references import References
@@ -350,6 +383,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokenized references, one file per --data dir (from the references command)",
     )
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("recaption-shard", help="caption one shard of a dataset (resumable)")
+    s.add_argument("--params", type=_json, required=True,
+                   help='{"captioner", "prompt", "num_beams", "max_new_tokens", "batch_size", '
+                        '"shards", "text_settings"}')
+    s.add_argument("--data", required=True, help="the input dataset dir")
+    s.add_argument("--shard", type=int, required=True)
+    s.add_argument("--parts-dir", required=True, help="the batches' parts (kept across a kill)")
+    s.add_argument("--done", required=True, help="the marker written when the shard is done")
+    s.add_argument("--stage", help="run: captioners: the run's last stage dir")
+    s.add_argument("--tokenizer")
+    s.add_argument("--vision", help="vision backbone dir (image processor)")
+    s.set_defaults(func=cmd_recaption_shard)
+
+    s = sub.add_parser("recaption-merge", help="merge recaption shards into the dataset")
+    s.add_argument("--params", type=_json, required=True, help="the entry's info (shards, ...)")
+    s.add_argument("--data", required=True, help="the input dataset dir")
+    s.add_argument("--parts-dir", required=True, help="every shard's parts")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_recaption_merge)
 
     s = sub.add_parser("references", help="tokenize a split's reference captions once")
     s.add_argument("--data", required=True)

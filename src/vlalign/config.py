@@ -61,6 +61,10 @@ def validate_config(config: dict[str, Any], source: str = "config") -> dict[str,
         raise ConfigError(f"{source}: {e}") from None
     config["world"] = resolve_world(config["world"], source)
     check_references(config, source)
+    # recaptioned datasets join `datasets` (with their content keys), for stages to name
+    from vlalign.data.recaption import expand_recaptions  # lazy: needs the plan for run:
+
+    expand_recaptions(config, source)
     return config
 
 

@@ -1,5 +1,6 @@
 # Config validation, shared paths and input functions.
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ DATASETS = sorted(config["datasets"])
 
 
 wildcard_constraints:
-    dataset="|".join(DATASETS),
+    dataset="|".join(re.escape(d) for d in DATASETS),  # recaptioned: <d>+recap-<n>
     kind="vision|lm",
 
 

@@ -20,6 +20,7 @@ CLAIM_SPECS = sorted(str(p) for p in CLAIMS_DIR.glob("*.yaml"))
 rule aggregate:
     input:
         all_run_outputs(),
+        recaption_quality_inputs(),
     output:
         f"{R}/results.duckdb",
     log:

@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 
 # 2: rank curves per (run, dataset, positions); 3: the run record's columns (base_run, grid,
 # method_order, prefix_length, chain) in runs; 4: resamples (image resamples of corpus metrics)
-# and lm_text_loss; 5: train_log_terms (the PEFT methods' auxiliary loss terms per step)
-SCHEMA_VERSION = 5
+# and lm_text_loss; 5: train_log_terms (the PEFT methods' auxiliary loss terms per step);
+# 6: recaption_quality (generated recaptions' metrics, data/<dataset>/recaption_quality.json)
+SCHEMA_VERSION = 6
 # Version of the metrics.json file format this reader understands (docs/outputs.md).
 METRICS_FILE_VERSION = 1
 TRAIN_LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s")
@@ -67,6 +68,11 @@ _DDL = {
         run VARCHAR NOT NULL, stage VARCHAR NOT NULL, stage_index INTEGER NOT NULL,
         stage_hash VARCHAR, step BIGINT NOT NULL, global_step BIGINT NOT NULL,
         term VARCHAR NOT NULL, value DOUBLE)""",
+    # a recaptioned dataset's generated text (vlalign.data.recaption.quality_records): length
+    # statistics, caption metrics against its human captions, grounding against the world's
+    "recaption_quality": """CREATE TABLE recaption_quality (
+        dataset VARCHAR NOT NULL, recaption VARCHAR, split VARCHAR NOT NULL,
+        metric VARCHAR NOT NULL, value DOUBLE NOT NULL)""",
     "rank_curve": """CREATE TABLE rank_curve (
         run VARCHAR NOT NULL, dataset VARCHAR, positions VARCHAR NOT NULL, reference VARCHAR,
         k INTEGER NOT NULL, cumulative DOUBLE NOT NULL)""",
@@ -344,6 +350,22 @@ def _stage_dir(link: ChainLink, results_dir: Path) -> Path:
     return candidates[0]
 
 
+def _read_recaption_quality(data_root: Path) -> list[dict]:
+    """Every recaptioned dataset's quality records (``data/*/recaption_quality.json``)."""
+    from vlalign.data.recaption import QUALITY_FILE
+
+    out: list[dict] = []
+    for path in sorted(data_root.glob(f"*/{QUALITY_FILE}")) if data_root.is_dir() else []:
+        obj = _load_json(path)
+        for i, rec in enumerate(_require(obj, "records", path, list)):
+            where = f"records[{i}]"
+            if not isinstance(rec, dict) or not _is_number(rec.get("value")):
+                raise ResultsInputError(f"{path}: {where} needs a numeric 'value', got {rec!r}")
+            out.append({k: rec.get(k) for k in ("dataset", "recaption", "split", "metric",
+                                                 "value")})
+    return out
+
+
 def _collect(results_dir: Path) -> dict[str, pd.DataFrame]:
     runs_root = results_dir / "runs"
     if not results_dir.is_dir():
@@ -403,6 +425,7 @@ def _collect(results_dir: Path) -> dict[str, pd.DataFrame]:
                 seen[key] = curve_json
             curve_frames += curves
             rows["rank_summary"] += summaries
+    rows["recaption_quality"] = _read_recaption_quality(results_dir / "data")
     frames = {t: pd.DataFrame(r) for t, r in rows.items()}
     frames["train_log"] = pd.concat(train_frames, ignore_index=True) if train_frames else None
     frames["train_log_terms"] = (

@@ -202,11 +202,11 @@ def plot_loss_per_stage(
 def plot_recap_vs_human(
     db_path: str | Path,
     out_dir: str | Path,
-    pair: tuple[str, str] = ("recap", "human"),
+    pair: tuple[str, ...] = ("recap", "human"),
     name: str = "recap_vs_human",
 ) -> list[Path]:
-    """Training loss of two base runs side by side, one panel per stage both trained (seed 002
-    §4.6, Fig. 5: recaptioned text converges faster and lower than human captions).
+    """Training loss of two (or more) base runs side by side, one panel per stage all trained
+    (seed 002 §4.6, Fig. 5: recaptioned text converges faster and lower than human captions).
 
     Each base run is the mean over its seeds with a ±std band. Skipped (logged) unless both
     base runs have training logs and share a stage name.
@@ -226,7 +226,7 @@ def plot_recap_vs_human(
         return []
     df = df[df["stage"].isin(stages)].assign(line=lambda d: d["model"])
     fig = _loss_figure(df, stages, "training loss (mean ± std over seeds)", merge_shared=False)
-    fig.suptitle(f"{pair[0]} vs {pair[1]}")
+    fig.suptitle(" vs ".join(pair))
     return save(fig, out_dir, name)
 
 
@@ -444,6 +444,9 @@ def plot_all(db_path: str | Path, out_dir: str | Path) -> list[Path]:
     """Every default figure that has data; figures without data are skipped (logged)."""
     paths = plot_loss_per_stage(db_path, out_dir)
     paths += plot_recap_vs_human(db_path, out_dir)
+    # the loop closed in the DAG: generated recaptions (docs/recaption.md)
+    paths += plot_recap_vs_human(db_path, out_dir, ("gen_recap", "recap", "human"),
+                                 name="gen_recap_vs_recap_vs_human")
     paths += plot_lm_text_loss(db_path, out_dir)
     paths += plot_rank_curves(db_path, out_dir)
     # the file keeps the name it had when the prefix length was read from the config JSON
