@@ -88,8 +88,12 @@ def test_paper_recipe_validates() -> None:
 def test_paper_recipe_pins_every_hub_revision() -> None:
     cfg = load_config(PAPER)
     sources = [cfg["vision"]["source"], cfg["lm"]["source"]]
-    sources += [spec["source"] for spec in cfg["datasets"].values()]
-    for src in sources:
+    # a recaptioned dataset is made in the DAG: its hub source is its captioner's
+    sources += [spec["source"] for spec in cfg["datasets"].values()
+                if not spec["source"].startswith("recaption:")]
+    captioners = [r["captioner"] for r in cfg["recaptions"].values()]
+    assert captioners and all(c.startswith("hf:") for c in captioners)
+    for src in sources + captioners:
         kind, ident, rev = parse_source(src)
         assert kind == "hf" and ident and "/" in ident, src
         assert rev, f"{src}: hub source without an @revision"

@@ -268,8 +268,10 @@ def test_pt_peft_stages_use_the_paper_optimiser(path):
     """seed 003 App. B.4: AdamW (0.9, 0.99), linear warm-up then linear decay to 0, for every
     PEFT stage; the second stage of prefix→X at lower rates than the prefix stage."""
     stages, runs = plan(load_config(path))
-    # PETAL's stages (study petal) train as seed 001 does: tests/test_petal_study.py
-    petal = {h for run in runs.values() if run.spec.get("study") == "petal" for h in run.stages}
+    # PETAL's stages (study petal) train as seed 001 does (tests/test_petal_study.py), KLAFT's
+    # as seed 000 does (tests/test_klaft_study.py)
+    petal = {h for run in runs.values() if run.spec.get("study") in ("petal", "klaft")
+             for h in run.stages}
     peft = [s for h, s in stages.items() if s.resolved.peft and h not in petal]
     assert peft
     for s in peft:
@@ -349,7 +351,10 @@ def test_train_step_seeds_noise_with_the_process_index(monkeypatch):
         pass
 
     class FakeAcc:
-        process_index, device = 3, "cpu"
+        process_index, num_processes, device = 3, 4, "cpu"
+
+        def reduce(self, t, reduction):  # four ranks holding the same batch
+            return t * self.num_processes
 
         def no_sync(self, model):
             raise Stop

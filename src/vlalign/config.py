@@ -47,6 +47,12 @@ def schema_defaults(section: str) -> dict[str, Any]:
     return {k: copy.deepcopy(v["default"]) for k, v in props.items() if "default" in v}
 
 
+def dataset_defaults() -> dict[str, Any]:
+    """The defaults the schema fills into each ``datasets:`` entry (``on_error``, ...)."""
+    props = load_schema()["properties"]["datasets"]["additionalProperties"]["properties"]
+    return {k: copy.deepcopy(v["default"]) for k, v in props.items() if "default" in v}
+
+
 def validate_config(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """Validate against the JSON schema (filling defaults in place), resolve the ``world:``
     section (its keys, defaults and ranges live in :mod:`vlalign.data.world`) and cross-check

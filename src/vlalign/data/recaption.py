@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from vlalign.config import ConfigError
+from vlalign.config import ConfigError, dataset_defaults
 from vlalign.io_utils import atomic_path, stable_hash, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -231,9 +231,10 @@ def expand_recaptions(config: dict[str, Any], source: str = "config") -> list[Re
         return specs
     keys: dict[str, str] = {s.name: "" for s in specs}
     for _ in range(len(specs) + 2):
-        for s in specs:
-            config["datasets"][s.output] = {"source": SOURCE_PREFIX + s.name,
-                                            "recaption_key": keys[s.name]}
+        for s in specs:  # the schema's dataset defaults; the domain is its images'
+            config["datasets"][s.output] = {
+                **dataset_defaults(), "domain": config["datasets"][s.dataset]["domain"],
+                "source": SOURCE_PREFIX + s.name, "recaption_key": keys[s.name]}
         run_stage: dict[str, str] = {}
         if any(s.captioner.scheme == "run" for s in specs):
             from vlalign.runs.plan import plan
