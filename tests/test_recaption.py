@@ -84,8 +84,10 @@ def _key(cfg: dict, change=None) -> str:
 
 def test_content_key(cfg: dict) -> None:
     base = _key(cfg)
-    assert cfg["datasets"]["world+recap-gen"] == {"source": "recaption:gen",
-                                                  "recaption_key": base}
+    # the schema's dataset defaults, the domain of its images
+    assert cfg["datasets"]["world+recap-gen"] == {
+        "source": "recaption:gen", "recaption_key": base, "domain": "source",
+        "on_error": "raise", "recaption": "auto"}
 
     def entry(**kw):
         return lambda c: c["recaptions"]["gen"].update(kw)
