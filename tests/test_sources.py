@@ -145,6 +145,26 @@ def test_coco_karpathy_split_column_and_image_root(route, tmp_path):
         assert meta["filename"] == coco_name(cocoid, filepath)
 
 
+def test_klaft_protocol_coco_val_as_test_and_val_drawn_from_train(tmp_path):
+    """seed 000: COCO val2014 (Karpathy restval + val + test) is the test set, N random train
+    pairs the validation set (val_from_train), drawn with the seed and taken out of train."""
+    root, image_root = make_coco_karpathy(tmp_path / "coco", tmp_path / "images")
+    spec = _spec("local", root, tmp_path, format="coco_karpathy", image_root=str(image_root),
+                 split_values={"train": ["train"], "test": ["restval", "val", "test"]},
+                 val_from_train=1)
+    ids = {s: set(load_source("coco", spec, seed=0)[s]["image_id"]) for s in SPLITS}
+    assert ids["test"] == {"102", "103", "104", "106"}
+    assert len(ids["val"]) == 1 and ids["val"] | ids["train"] == {"101", "105"}
+    assert not ids["val"] & ids["train"]
+    draws = {frozenset(load_source("coco", spec, seed=s)["val"]["image_id"]) for s in range(8)}
+    assert len(draws) == 2  # the draw follows the seed
+    with pytest.raises(SourceError, match="val_from_train is 2, but the train split has 2 rows"):
+        load_source("coco", {**spec, "val_from_train": 2})
+    with pytest.raises(SourceError, match="val split already has 1 rows"):
+        load_source("coco", {**spec, "split_values": {"train": ["train", "restval"], "val": ["val"],
+                                                      "test": ["test"]}})
+
+
 def test_coco_karpathy_sentence_dicts(tmp_path):
     # Karpathy's dataset_coco.json layout: sentences are {"raw", "tokens"} dicts.
     root, image_root = make_coco_karpathy(tmp_path / "coco", tmp_path / "images")

@@ -29,6 +29,9 @@ One entry point, :func:`load_source`, turns a dataset spec from the config into 
     split *column* when the data has it (``split_column`` / ``split_values`` override it,
     ``split_column: null`` disables it; Karpathy ``restval`` → train); source splits named
     train / val|validation|dev / test; a single source split → default fractions 0.9/0.05/0.05.
+``val_from_train``
+    N: the val split is N rows of train drawn with ``seed`` (and leaves train); for a protocol
+    that validates on train pairs and tests on the source's validation split (seed 000's COCO).
 ``max_rows``
     Per-split cap on source rows (smoke runs), applied before normalisation.
 ``on_error``
@@ -578,6 +581,23 @@ def _make_splits(name: str, raw: DatasetDict, spec: dict, preset: Preset,
                       f"{list(SPLITS)}; give `splits` or `split_fractions`")
 
 
+def _val_from_train(name: str, parts: dict[str, Dataset | None], n: int,
+                    seed: int) -> dict[str, Dataset | None]:
+    """``val_from_train: n``: ``n`` train rows drawn with ``seed`` become the val split (seed
+    000's COCO protocol: 5,000 random train pairs as validation, COCO val as the test set)."""
+    train, val = parts.get("train"), parts.get("val")
+    if val is not None and len(val) > 0:
+        raise SourceError(f"dataset '{name}': val_from_train draws the val split from train, "
+                          f"but the val split already has {len(val)} rows (leave it out of "
+                          "`splits`)")
+    if train is None or n >= len(train):
+        raise SourceError(f"dataset '{name}': val_from_train is {n}, but the train split has "
+                          f"{0 if train is None else len(train)} rows")
+    order = np.random.default_rng(seed).permutation(len(train))
+    return {**parts, "val": train.select(np.sort(order[:n])),
+            "train": train.select(np.sort(order[n:]))}
+
+
 # ---------------------------------------------------------------------------------------------
 # Public API.
 
@@ -731,6 +751,8 @@ def load_source(name: str, spec: dict, world_cfg: dict | None = None,
         for s, ds in raw.items()
     })
     parts = _make_splits(name, raw, spec, preset, columns, wanted, seed)
+    if spec.get("val_from_train") is not None:
+        parts = _val_from_train(name, parts, int(spec["val_from_train"]), seed)
 
     image_root = spec.get("image_root")
     out = {}
