@@ -655,6 +655,8 @@ _TEX_ESCAPES = {
     "→": r"$\rightarrow$",
     "←": r"$\leftarrow$",
     "Δ": r"$\Delta$",
+    "Γ": r"$\Gamma$",
+    "ω": r"$\omega$",
 }
 
 
