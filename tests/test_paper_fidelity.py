@@ -270,9 +270,9 @@ def test_pt_peft_stages_use_the_paper_optimiser(path):
     stages, runs = plan(load_config(path))
     # PETAL's stages (study petal) train as seed 001 does (tests/test_petal_study.py), KLAFT's
     # as seed 000 does (tests/test_klaft_study.py)
-    petal = {h for run in runs.values() if run.spec.get("study") in ("petal", "klaft")
-             for h in run.stages}
-    peft = [s for h, s in stages.items() if s.resolved.peft and h not in petal]
+    own = {h for run in runs.values() if run.spec.get("study") in ("petal", "klaft")
+           for h in run.stages}
+    peft = [s for h, s in stages.items() if s.resolved.peft and h not in own]
     assert peft
     for s in peft:
         r = s.resolved

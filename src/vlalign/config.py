@@ -40,17 +40,20 @@ def load_schema() -> dict[str, Any]:
     return yaml.safe_load(SCHEMA.read_text())
 
 
+def _defaults_of(props: dict[str, Any]) -> dict[str, Any]:
+    return {k: copy.deepcopy(v["default"]) for k, v in props.items() if "default" in v}
+
+
 def schema_defaults(section: str) -> dict[str, Any]:
     """The defaults the schema fills into a top-level section given as ``{}`` (e.g. ``model``):
     for callers handed no config section, so that the schema stays their one home."""
-    props = load_schema()["properties"][section].get("properties", {})
-    return {k: copy.deepcopy(v["default"]) for k, v in props.items() if "default" in v}
+    return _defaults_of(load_schema()["properties"][section].get("properties", {}))
 
 
 def dataset_defaults() -> dict[str, Any]:
     """The defaults the schema fills into each ``datasets:`` entry (``on_error``, ...)."""
-    props = load_schema()["properties"]["datasets"]["additionalProperties"]["properties"]
-    return {k: copy.deepcopy(v["default"]) for k, v in props.items() if "default" in v}
+    entry = load_schema()["properties"]["datasets"]["additionalProperties"]
+    return _defaults_of(entry["properties"])
 
 
 def validate_config(config: dict[str, Any], source: str = "config") -> dict[str, Any]:

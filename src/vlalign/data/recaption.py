@@ -230,11 +230,12 @@ def expand_recaptions(config: dict[str, Any], source: str = "config") -> list[Re
     if not specs:
         return specs
     keys: dict[str, str] = {s.name: "" for s in specs}
+    # the schema's dataset defaults; the domain is its images'
+    base = {s.name: {**dataset_defaults(), "domain": config["datasets"][s.dataset]["domain"],
+                     "source": SOURCE_PREFIX + s.name} for s in specs}
     for _ in range(len(specs) + 2):
-        for s in specs:  # the schema's dataset defaults; the domain is its images'
-            config["datasets"][s.output] = {
-                **dataset_defaults(), "domain": config["datasets"][s.dataset]["domain"],
-                "source": SOURCE_PREFIX + s.name, "recaption_key": keys[s.name]}
+        for s in specs:
+            config["datasets"][s.output] = {**base[s.name], "recaption_key": keys[s.name]}
         run_stage: dict[str, str] = {}
         if any(s.captioner.scheme == "run" for s in specs):
             from vlalign.runs.plan import plan
