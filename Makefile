@@ -12,6 +12,9 @@ TORCH_PIP_ARGS ?=
 CORES ?= 2
 PROFILE ?=
 SNAKEMAKE_ARGS ?=
+# pytest-xdist workers for `make test` (0 = one process); each worker runs whole test modules, so
+# a module's fixtures are built once, and torch uses one thread per worker (tests/conftest.py).
+TEST_WORKERS ?= $(CORES)
 
 .PHONY: setup run test lint bench clean
 
@@ -38,7 +41,7 @@ test: setup
 	if command -v slurmctld >/dev/null && ! bash scripts/slurm_local.sh status >/dev/null 2>&1; then \
 	    bash scripts/slurm_local.sh start && started=1 || true; \
 	fi; \
-	$(BIN)/python -m pytest -q -ra --durations=15 $(PYTEST_ARGS); rc=$$?; \
+	$(BIN)/python -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS); rc=$$?; \
 	if [ $$started = 1 ]; then bash scripts/slurm_local.sh stop; fi; \
 	exit $$rc
 

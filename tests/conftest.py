@@ -20,6 +20,42 @@ TINY_CONFIG = REPO_ROOT / "tests" / "configs" / "tiny.yaml"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one xdist worker per core: one torch thread each (inherited by the
+    # snakemake and training subprocesses), else the workers' thread pools fight for the cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+# The modules with the longest module fixtures (measured, `--durations`), started first so
+# that `--dist loadfile` does not leave one of them for the end on a single worker.
+LONGEST_FIRST = (
+    "test_slurm_pipeline.py", "test_pipeline_full.py", "test_grounding_alignment.py",
+    "test_determinism.py", "test_recaption.py", "test_slurm.py", "test_paper_smoke.py",
+    "test_preemption.py",
+)
+
+
+# Modules that must run on the same worker, one after the other: both submit to the one local
+# SLURM node (2 CPUs), and test_slurm.py needs its two jobs running side by side.
+SAME_WORKER = {"test_slurm.py": "slurm", "test_slurm_pipeline.py": "slurm"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, with the modules of SAME_WORKER grouped into one unit of work."""
+    from xdist.scheduler import LoadFileScheduling
+
+    class Scheduler(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return SAME_WORKER.get(Path(scope).name, scope)
+
+    return Scheduler(config, log)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ from vlalign.runs.plan import plan
 
 CONFIG = REPO / "tests" / "configs" / "slurm_dag.yaml"
 SLURM_LOGS = REPO / ".snakemake" / "slurm_logs"
-TIMEOUT = 240  # per snakemake call; `timeout -k` kills a hung run
+TIMEOUT = 600  # per snakemake call, a hang guard: `timeout -k` kills a hung run
 GPU_RULES = {"train_stage", "evaluate", "features"}  # the profile puts these on partition gpu
 
 SUBMITTED = re.compile(r"submitted with SLURM jobid (\d+) \(log: (\S+?)\)")
@@ -253,7 +253,7 @@ def test_requeued_training_job_resumes_from_checkpoint(
     ) as proc:
         try:
             # wait for a checkpoint at step >= 4 of the running job, then requeue that job
-            deadline, step, jobid = time.monotonic() + 150, None, None
+            deadline, step, jobid = time.monotonic() + 300, None, None
             while time.monotonic() < deadline and proc.poll() is None:
                 jobid = jobid or _running_job(prefix, "train_stage")
                 step = _checkpoint_step(ckpt) if jobid else None
