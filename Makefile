@@ -14,7 +14,8 @@ PROFILE ?=
 SNAKEMAKE_ARGS ?=
 # pytest-xdist workers for `make test` (0 = one process); each worker runs whole test modules, so
 # a module's fixtures are built once, and torch uses one thread per worker (tests/conftest.py).
-TEST_WORKERS ?= $(CORES)
+# One more than the cores: the worker running the SLURM modules mostly waits on the scheduler.
+TEST_WORKERS ?= $(shell echo $$(( $(CORES) + 1 )))
 
 .PHONY: setup run test lint bench clean
 
@@ -41,7 +42,7 @@ test: setup
 	if command -v slurmctld >/dev/null && ! bash scripts/slurm_local.sh status >/dev/null 2>&1; then \
 	    bash scripts/slurm_local.sh start && started=1 || true; \
 	fi; \
-	$(BIN)/python -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS); rc=$$?; \
+	$(BIN)/python -m pytest -q -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS); rc=$$?; \
 	if [ $$started = 1 ]; then bash scripts/slurm_local.sh stop; fi; \
 	exit $$rc
 
