@@ -301,6 +301,41 @@ def test_feature_cache_rows_equal_direct_encoding(assets, features):
         cache.split("nosplit")
 
 
+def test_processed_images_are_kept_across_epochs_within_the_byte_budget(assets, monkeypatch):
+    import vlalign.train.data as stage_data
+
+    processor = load_image_processor(assets.vision)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return processor(*args, **kwargs)
+
+    split = load_from_disk(str(assets.data["world"]))["train"].select(range(4))
+    tok = load_tokenizer(assets.tokenizer)
+
+    def epochs(n: int) -> list[torch.Tensor]:
+        ex = StageExamples(split, tok, "captions", 64, processor=counting)
+        out = []
+        for epoch in range(n):
+            ex.set_epoch(epoch)
+            out += [ex[i]["pixel_values"] for i in range(len(ex))]
+        return out
+
+    kept = epochs(3)
+    assert len(calls) == 4  # each image processed once, not once per epoch
+    direct = processor(images=[r["image"].convert("RGB") for r in split],
+                       return_tensors="pt")["pixel_values"]
+    for k, px in enumerate(kept):
+        torch.testing.assert_close(px, direct[k % 4], rtol=0, atol=0)
+    calls.clear()
+    monkeypatch.setattr(stage_data, "PIXEL_CACHE_BYTES", 0)  # over budget: reprocessed
+    again = epochs(2)
+    assert len(calls) == 8
+    for a, b in zip(again, kept):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_feature_cache_path_equals_image_path(assets, features, tmp_path):
     settings = stage_settings(max_steps=6)
     r_img, out_img = train(assets, tmp_path / "img", "s", settings)
