@@ -243,6 +243,28 @@ def test_vlm_loss_is_l_tcm_and_ttm_is_the_prior_expectation():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.trainable_parameters())
 
 
+@pytest.mark.parametrize("trains_prior", [False, True])
+def test_ttm_reaches_the_prior_only_when_asked(trains_prior):
+    """L_TTM is an expectation under the prior: its gradient would move the prior towards the
+    residual topic (z = 0 has no TTM term), the collapse measured in docs/klaft.md. By default
+    it trains the topic vectors (and h) only."""
+    vlm = make_vlm()
+    (m,) = apply_methods(vlm, [("tcm", {"ttm_token_dropout": 0.0,
+                                        "ttm_trains_prior": trains_prior})])
+    randomise(vlm.tcm)
+    vlm.train()
+    batch = text_batch()
+    out = vlm(**batch, image_features=feats())
+    ttm = m.extra_loss(out, batch)["ttm"]
+    prior_w, topic_g = vlm.tcm.prior.weight, vlm.tcm.topic_vectors
+    grads = torch.autograd.grad(ttm, [prior_w, topic_g], allow_unused=True)
+    assert grads[1] is not None and grads[1].abs().sum() > 0  # topic vectors pulled towards h
+    reached = grads[0] is not None and bool(grads[0].abs().sum() > 0)
+    assert reached is trains_prior
+    with pytest.raises(ValueError, match="ttm_trains_prior must be true or false"):
+        type(m).resolve_config({"ttm_trains_prior": "no"})
+
+
 def test_ttm_token_dropout_and_shifts():
     vlm = make_vlm()
     (m,) = apply_methods(vlm, [("tcm", {"shift": "affine", "ttm_token_dropout": 0.5})])

@@ -37,7 +37,11 @@ Resolutions (docs/klaft/tcm.md; /work/shared/notes/klaft-petal-reading.md), each
   training-mode forward; :meth:`TopicMixtureMethod.extra_loss` reads the positions from the
   batch's ``labels`` / ``attention_mask`` and returns ``{"ttm": λ·L_TTM}`` (log column
   ``tcm.ttm``). The dropout mask is drawn from torch's global RNG (seeded and checkpointed by
-  the trainer).
+  the trainer). The prior weights the expectation but is not trained by it
+  (``ttm_trains_prior: false``, choice): the residual topic has no TTM term, so through the
+  prior L_TTM is lowest with all mass on z = 0, and on the default DAG it pushed the prior
+  there within 36 steps (mass 0.96 on z = 0, r_TCM 0; docs/klaft.md). L_TTM trains the topic
+  vectors (and, through h, what is upstream of the head); L_TCM trains the prior.
 - *r_TCM* (Eq. 10; choice): after generation, one teacher-forced forward over
   ``[image | prompt | generated caption]`` (deterministic; the cached generation computes the
   same hidden states up to float rounding) records the prior at each position that generated a
@@ -263,6 +267,8 @@ class TopicMixtureMethod(PeftMethod):
         "shift": "add",  # add | mul | affine (Eq. 5)
         "lambda_ttm": 0.1,  # λ_TTM (Eq. 9)
         "ttm_token_dropout": 0.1,  # token-level dropout of L_TTM (choice)
+        # whether L_TTM's gradient reaches the prior it is weighted by (module doc, *TTM*)
+        "ttm_trains_prior": False,
     }
 
     @classmethod
@@ -273,6 +279,10 @@ class TopicMixtureMethod(PeftMethod):
             v = out[key]
             if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
                 raise ValueError(f"tcm: {key} must be a number >= 0, got {v!r}")
+        if not isinstance(out["ttm_trains_prior"], bool):
+            raise ValueError(
+                f"tcm: ttm_trains_prior must be true or false, got {out['ttm_trains_prior']!r}"
+            )
         if out["ttm_token_dropout"] >= 1:
             raise ValueError(
                 f"tcm: ttm_token_dropout must be < 1 (1 drops every token), got "
@@ -355,7 +365,10 @@ class TopicMixtureMethod(PeftMethod):
             sup &= torch.rand(sup.shape, device=h.device) >= p
         if not bool(sup.any()):
             return {"ttm": h.sum() * 0.0}
-        dist = topics.ttm_distance(h[:, :t][sup], log_prior[:, :t][sup])
+        log_prior = log_prior[:, :t][sup]
+        if not self.cfg["ttm_trains_prior"]:
+            log_prior = log_prior.detach()
+        dist = topics.ttm_distance(h[:, :t][sup], log_prior)
         return {"ttm": float(self.cfg["lambda_ttm"]) * dist.mean()}
 
     # -- evaluation ---------------------------------------------------------------------
