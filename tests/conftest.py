@@ -21,8 +21,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs one xdist worker per core: one torch thread each (inherited by the
-    # snakemake and training subprocesses), else the workers' thread pools fight for the cores.
+    # `make test` runs TEST_WORKERS xdist workers (CORES + 1) on the cores: one torch thread
+    # each (inherited by the snakemake and training subprocesses), else the workers' thread
+    # pools fight for the cores.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 

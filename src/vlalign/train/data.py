@@ -22,7 +22,7 @@ EPOCH_KINDS = ("captions", "captions_qa")
 CACHE_ROWS = 100_000  # splits up to this size keep their token ids in memory
 # Processed images kept in memory, up to this many bytes: a stage reading images (no feature
 # cache: the encoder was trained by an earlier stage) decodes and resizes each one once, not once
-# per epoch (8 epochs of a PEFT stage on 192 images: 40 % of its training steps' time).
+# per epoch (8 epochs of a PEFT stage on 192 images: its 17.6 s job took 16.3 s with it).
 PIXEL_CACHE_BYTES = 512 * 2**20
 
 
