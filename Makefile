@@ -23,7 +23,9 @@ $(BIN)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
-	$(BIN)/python -m pip install -q -c requirements.lock -e ".[dev]"
+	$(BIN)/python -m pip install -q -c requirements.lock -e ".[dev,download]"
+	# img2dataset declares pandas<3; it runs with the lock's pandas 3.1.1 (pyproject.toml, download)
+	$(BIN)/python -m pip install -q -c requirements.lock --no-deps img2dataset
 	touch $@
 
 setup: $(BIN)/.installed

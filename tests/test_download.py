@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -233,6 +234,16 @@ def test_all_rows_failing_is_an_error_naming_the_file(tmp_path: Path, server: _S
     url_list = _tsv(tmp_path / "urls.tsv", [(f"{server.url}/nope{i}.png", "x") for i in range(3)])
     with pytest.raises(DownloadError,
                        match=r"urls\.tsv could be fetched: all 3 rows failed.*'http_404': 3"):
+        download_dataset("cc", _spec(url_list), tmp_path / "out", tmp_path / "work")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_img2dataset_is_an_error_naming_the_file(
+    tmp_path: Path, server: _Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "img2dataset.downloader", None)  # import raises ImportError
+    url_list = _tsv(tmp_path / "urls.tsv", [(f"{server.url}/nope.png", "x")])
+    with pytest.raises(DownloadError, match=r"fetching the URL list .*urls\.tsv needs img2dataset"):
         download_dataset("cc", _spec(url_list), tmp_path / "out", tmp_path / "work")
     assert not (tmp_path / "out").exists()
 
