@@ -27,6 +27,7 @@ from datasets import load_from_disk
 from vlalign.config import ConfigError, load_yaml, validate_config
 from vlalign.data.download import DownloadError, download_dataset, failure_reason
 from vlalign.data.world import generate_world
+from vlalign.results.db import ingest, query
 
 pytest.importorskip("img2dataset", reason="img2dataset (the download extra) is not installed")
 
@@ -156,6 +157,15 @@ def test_download_end_to_end(tmp_path: Path, server: _Server, world) -> None:
     assert "404" in failures[0]["message"]
     # the row without a caption was never requested: /img/0.png was fetched once, for row 0
     assert server.hits[f"/img/{0}.png"] == 1
+
+    # the counts in the results database (the aggregate rule ingests data/*/download_stats.json)
+    ingest(tmp_path, tmp_path / "results.duckdb")
+    db = query(tmp_path / "results.duckdb", "SELECT * FROM download_stats")
+    assert set(db["dataset"]) == {"cc"} and set(db["url_list"]) == {str(url_list)}
+    assert dict(zip(db["metric"], db["value"])) == {
+        "rows": 10, "succeeded": N_GOOD, "failed": 4, "failed.decode_error": 1,
+        "failed.http_404": 1, "failed.missing_caption": 1, "failed.timeout": 1,
+        **{f"split.{s}": len(ds) for s, ds in dsd.items()}}
 
 
 def test_interrupted_download_resumes_without_refetching(tmp_path: Path, server: _Server, world,

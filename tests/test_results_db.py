@@ -309,6 +309,21 @@ def test_bad_input_names_the_file(tree, corrupt, match):
     assert sorted(p.name for p in results.iterdir()) == ["results.duckdb", "runs", "stages"]
 
 
+@pytest.mark.parametrize(
+    "stats, match",
+    [
+        ({"rows": 3, "succeeded": 2, "failures": {}, "splits": {}}, r"missing key 'failed'"),
+        ({"rows": 3, "succeeded": 2, "failed": 1, "failures": {"timeout": "1"}, "splits": {}},
+         r"failures\.timeout must be a count, got '1'"),
+    ],
+)
+def test_bad_download_stats_name_the_file(tree, stats, match):
+    results, db, _ = tree
+    write_json(results / "data/cc/download_stats.json", stats)
+    with pytest.raises(ResultsInputError, match=r"data/cc/download_stats\.json: " + match):
+        ingest(results, db)
+
+
 def test_train_log_bad_columns(tree):
     results, db, _ = tree
     run = json.loads((results / "runs/recap_s0/run.json").read_text())

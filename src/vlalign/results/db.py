@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 # 2: rank curves per (run, dataset, positions); 3: the run record's columns (base_run, grid,
 # method_order, prefix_length, chain) in runs; 4: resamples (image resamples of corpus metrics)
 # and lm_text_loss; 5: train_log_terms (the PEFT methods' auxiliary loss terms per step);
-# 6: recaption_quality (generated recaptions' metrics, data/<dataset>/recaption_quality.json)
-SCHEMA_VERSION = 6
+# 6: recaption_quality (generated recaptions' metrics, data/<dataset>/recaption_quality.json);
+# 7: download_stats (a downloaded URL list's row counts, data/<dataset>/download_stats.json)
+SCHEMA_VERSION = 7
 # Version of the metrics.json file format this reader understands (docs/outputs.md).
 METRICS_FILE_VERSION = 1
 TRAIN_LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s")
@@ -73,6 +74,11 @@ _DDL = {
     "recaption_quality": """CREATE TABLE recaption_quality (
         dataset VARCHAR NOT NULL, recaption VARCHAR, split VARCHAR NOT NULL,
         metric VARCHAR NOT NULL, value DOUBLE NOT NULL)""",
+    # a downloaded URL list's counts (vlalign.data.download): rows, succeeded, failed, failures
+    # per reason (failed.<reason>) and rows per split (split.<split>)
+    "download_stats": """CREATE TABLE download_stats (
+        dataset VARCHAR NOT NULL, url_list VARCHAR, metric VARCHAR NOT NULL,
+        value BIGINT NOT NULL)""",
     "rank_curve": """CREATE TABLE rank_curve (
         run VARCHAR NOT NULL, dataset VARCHAR, positions VARCHAR NOT NULL, reference VARCHAR,
         k INTEGER NOT NULL, cumulative DOUBLE NOT NULL)""",
@@ -366,6 +372,24 @@ def _read_recaption_quality(data_root: Path) -> list[dict]:
     return out
 
 
+def _read_download_stats(data_root: Path) -> list[dict]:
+    """Every downloaded dataset's counts (``data/*/download_stats.json``), one row each."""
+    from vlalign.data.download import STATS_FILE
+
+    out: list[dict] = []
+    for path in sorted(data_root.glob(f"*/{STATS_FILE}")) if data_root.is_dir() else []:
+        obj = _load_json(path)
+        counts = {k: _require(obj, k, path, int) for k in ("rows", "succeeded", "failed")}
+        for group in ("failures", "splits"):
+            for key, n in _require(obj, group, path, dict).items():
+                if not isinstance(n, int):
+                    raise ResultsInputError(f"{path}: {group}.{key} must be a count, got {n!r}")
+                counts[f"{'failed' if group == 'failures' else 'split'}.{key}"] = n
+        out += [{"dataset": path.parent.name, "url_list": obj.get("url_list"), "metric": k,
+                 "value": n} for k, n in counts.items()]
+    return out
+
+
 def _collect(results_dir: Path) -> dict[str, pd.DataFrame]:
     runs_root = results_dir / "runs"
     if not results_dir.is_dir():
@@ -426,6 +450,7 @@ def _collect(results_dir: Path) -> dict[str, pd.DataFrame]:
             curve_frames += curves
             rows["rank_summary"] += summaries
     rows["recaption_quality"] = _read_recaption_quality(results_dir / "data")
+    rows["download_stats"] = _read_download_stats(results_dir / "data")
     frames = {t: pd.DataFrame(r) for t, r in rows.items()}
     frames["train_log"] = pd.concat(train_frames, ignore_index=True) if train_frames else None
     frames["train_log_terms"] = (
