@@ -1,7 +1,8 @@
 """KLAFT's study (seed 000) as the configs declare it: the default DAG's runs (full KLAFT from
-the projector-aligned model, TCM alone as a PEFT of the frozen aligned model), the overlay's
-Table 4 ablation cells differing from full KLAFT in exactly what they change, the low-data grid
-on 0.1 % and 1 % of the data, and the two study tables on a results tree of KLAFT runs."""
+the projector-aligned model, TCM alone as a PEFT of the frozen aligned model, the Table 4
+ablation cells and the low-data grid at one seed), the overlay's seeds on the same cells, each
+ablation cell differing from full KLAFT in exactly what it changes, the low-data grid on 0.1 %
+and 1 % of the data, and the two study tables on a results tree of KLAFT runs."""
 
 from __future__ import annotations
 
@@ -54,6 +55,26 @@ def test_default_dag_runs_klaft_and_tcm_as_peft() -> None:
         assert f"{run}_s1" in runs and runs[f"{run}_s1"].stages[-1] != runs[f"{run}_s0"].stages[-1]
 
 
+ABLATIONS = ("klaft_omega0", "klaft_omega04", "klaft_k0", "klaft_k5", "klaft_k20", "klaft_mul",
+             "klaft_affine", "klaft_no_mam", "klaft_no_ttm", "klaft_no_mrm", "klaft_no_itm")
+
+
+def test_default_dag_runs_table4_and_low_data_at_one_seed(extra_plan) -> None:
+    """The default DAG holds every cell of both study tables (seed 0: the budget); the overlay
+    adds seeds to the same cells and changes nothing else of them."""
+    stages, runs = plan(load_config(DEFAULT))
+    low = ("klaft_low_data-data_fraction0.001", "klaft_low_data-data_fraction0.01")
+    cells = {r for r in runs if r.startswith("klaft_") and runs[r].base not in (
+        "klaft", "klaft_tcm_peft")}
+    assert cells == {f"{c}_s0" for c in (*ABLATIONS, *low)}
+    extra_stages, extra_runs = extra_plan
+    for run in cells:
+        assert runs[run].stages == extra_runs[run].stages, run  # the same stages, reused
+        assert extra_runs[run].spec["eval"] == {**runs[run].spec["eval"], "meteor": True}, run
+    assert {f"{c}_s1" for c in ABLATIONS} <= set(extra_runs)
+    assert {f"{c}_s3" for c in low} <= set(extra_runs)
+
+
 def test_ablation_cells_change_exactly_their_factor(extra_plan) -> None:
     stages, runs = extra_plan
     base = _last(stages, runs, "klaft_s0")
@@ -75,7 +96,8 @@ def test_ablation_cells_change_exactly_their_factor(extra_plan) -> None:
         cell = _last(stages, runs, f"{run}_s0")
         assert set(cell["peft"]) == KLAFT - {removed}, run
     # everything but the methods is the same stage: data, rates, schedule
-    for run in [*expect, "klaft_k0", "klaft_no_mam", "klaft_no_mrm", "klaft_no_itm"]:
+    assert {*expect, "klaft_k0", "klaft_no_mam", "klaft_no_mrm", "klaft_no_itm"} == set(ABLATIONS)
+    for run in ABLATIONS:
         cell = _last(stages, runs, f"{run}_s0")
         assert {k: v for k, v in cell.items() if k != "peft"} == \
             {k: v for k, v in base.items() if k != "peft"}, run
