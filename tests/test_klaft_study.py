@@ -104,6 +104,31 @@ def test_ablation_cells_change_exactly_their_factor(extra_plan) -> None:
         assert runs[f"{run}_s0"].stages[:-1] == runs["recap_s0"].stages
 
 
+def test_mal_variants_are_runs_with_their_own_projector(extra_plan, snakemake, tmp_path) -> None:
+    """MaL (seed 000 §3.2) selected per run: the overlay's MLP and transformer KLAFT runs build
+    their stage0 with that projector (the linear one is `klaft`), share no stage with `klaft`,
+    train the same ft_klaft, record the projector, and the train jobs receive it."""
+    stages, runs = extra_plan
+    base = _last(stages, runs, "klaft_s0")
+    assert {stages[h].model["projector"] for h in runs["klaft_s0"].stages} == {"linear"}
+    for run, kind in (("klaft_mal_mlp_s0", "mlp2x_gelu"),
+                      ("klaft_mal_transformer_s0", "transformer")):
+        assert [stages[h].name for h in runs[run].stages] == ["stage0", "stage1", "ft_klaft"]
+        assert {stages[h].model["projector"] for h in runs[run].stages} == {kind}
+        assert not set(runs[run].stages) & set(runs["klaft_s0"].stages)
+        assert _last(stages, runs, run) == base
+        for a, b in zip(runs[run].stages, runs["klaft_s0"].stages):
+            assert stages[a].settings == stages[b].settings
+    proc = snakemake(["-n", "-p", f"{tmp_path}/runs/klaft_mal_transformer_s0/metrics.json",
+                      "--configfile", str(DEFAULT), str(EXTRA),
+                      "--config", f"results_dir={tmp_path}"], timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    trains = [line for line in proc.stdout.splitlines() if " -m vlalign train " in line]
+    assert len(trains) == 3 and all('"projector": "transformer"' in t for t in trains), trains
+    evaluate = next(line for line in proc.stdout.splitlines() if " -m vlalign evaluate " in line)
+    assert '"model": {"attn_implementation": "sdpa", "projector": "transformer"' in evaluate
+
+
 def test_low_data_cells_train_on_their_fraction(extra_plan) -> None:
     stages, runs = extra_plan
     cells = {r: _last(stages, runs, r) for r in runs if r.startswith("klaft_low_data-")}

@@ -389,3 +389,31 @@ def test_a_null_method_block_removes_the_method():
     assert settings.to_dict()["peft"] == {"lora": settings.method("lora").to_dict()}
     with pytest.raises(ConfigError, match=r"s\.peft\.lora\.lr: must be a number >= 0"):
         settings_module.resolve({}, stage, {"peft": {"lora": {"lr": None}}}, where="s")
+
+
+def test_a_runs_model_block_builds_its_own_first_stage_and_everything_after():
+    """``runs.<name>.model`` (e.g. the MaL variant): merged onto ``model:`` for that run's stages;
+    a first stage's hash holds it, so no stage is shared with a run of another projector, and a
+    run continuing it (``after:``) builds as it does."""
+    stages, runs = _plan()
+    new_stages, new_runs = _plan({"runs": {
+        "mal": {"chain": ["stage0", "stage1"], "model": {"projector": "transformer"}},
+        "mal_then": {"after": "mal", "chain": ["stage2"]},
+        "plain": {"chain": ["stage0", "stage1"]}}})
+    default = stages[_hashes(runs, "recap_s0")[0]].model
+    assert default["projector"] == "linear"
+    mal, then = _hashes(new_runs, "mal_s0"), _hashes(new_runs, "mal_then_s0")
+    assert not set(mal) & set(_hashes(new_runs, "plain_s0"))
+    assert then[:2] == mal  # after: shares its base's stages, so it inherits the base's model
+    for h in then:
+        assert new_stages[h].model == {**default, "projector": "transformer"}
+    # a run without a model block keeps the hashes it had: the default is no override
+    assert _hashes(new_runs, "plain_s0") == _hashes(runs, "recap_s0")[:2] == \
+        _hashes(new_runs, "recap_s0")[:2]
+    assert all(new_stages[h].model == default for h in _hashes(new_runs, "plain_s0"))
+
+
+def test_a_bad_model_block_is_named():
+    where = r"\['runs'\]\['mal'\]\['model'\]"
+    with pytest.raises(ConfigError, match=rf"(?s)'projektor' was unexpected.*{where}"):
+        _plan({"runs": {"mal": {"chain": ["stage0"], "model": {"projektor": "mlp2x_gelu"}}}})

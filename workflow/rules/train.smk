@@ -52,7 +52,7 @@ def stage_params(wildcards):
     node = STAGES[wildcards.hash]
     return params_json(
         settings=node.settings, name=node.name, hash=node.hash, seed=node.seed,
-        model=config["model"],
+        model=node.model,
     )
 
 

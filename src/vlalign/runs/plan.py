@@ -28,6 +28,7 @@ class StageNode:
     dataset: str
     feature_key: str | None  # frozen-feature cache to read, or None (read images)
     chain: list[str] = field(default_factory=list)  # stage names up to and including this one
+    model: dict[str, Any] = field(default_factory=dict)  # the model section its run builds with
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -164,7 +165,28 @@ def all_runs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
             if name in runs:
                 raise ConfigError(f"grids.{gname}: run {name!r} already exists")
             runs[name] = spec
-    return {name: {**spec, "chain": full_chain(runs, name)} for name, spec in runs.items()}
+    out = {name: {**spec, "chain": full_chain(runs, name)} for name, spec in runs.items()}
+    for name, spec in out.items():
+        model = full_model(runs, name)
+        if model:
+            spec["model"] = model
+    return out
+
+
+def full_model(runs: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
+    """A run's ``model:`` overrides, over those of the run it continues (``after:``): its
+    base's stages are built as the base builds them, so they stay shared."""
+    spec = runs[name]
+    base = spec.get("after")
+    inherited = full_model(runs, base) if base else {}
+    return deep_merge(inherited, spec.get("model", {}))
+
+
+def run_model(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """The model section a run's stages are built with: ``model:`` and the run's overrides
+    (e.g. ``projector``, the MaL variant). Only a first stage builds a projector; its hash
+    holds this section, so every stage after it differs too."""
+    return deep_merge(config["model"], spec.get("model", {}))
 
 
 def full_chain(runs: dict[str, dict[str, Any]], name: str, seen: tuple = ()) -> list:
@@ -198,6 +220,8 @@ def plan(config: dict[str, Any]) -> tuple[dict[str, StageNode], dict[str, RunNod
     stages: dict[str, StageNode] = {}
     runs: dict[str, RunNode] = {}
     for run_name, spec in all_runs(config).items():
+        model = run_model(config, spec)
+        backbones = backbone_identity({**config, "model": model})
         for seed in spec["seeds"]:
             parent: str | None = None
             vision_trained = False
@@ -218,7 +242,7 @@ def plan(config: dict[str, Any]) -> tuple[dict[str, StageNode], dict[str, RunNod
                 stage_seed = seed if stage_seed is None else stage_seed
                 h = stable_hash(
                     {
-                        "parent": parent if parent else backbone_identity(config),
+                        "parent": parent if parent else backbones,
                         "stage": settings.semantic(),
                         "data": data_identity(config, settings.dataset),
                         "seed": stage_seed,
@@ -242,6 +266,7 @@ def plan(config: dict[str, Any]) -> tuple[dict[str, StageNode], dict[str, RunNod
                         settings.dataset,
                         fkey,
                         list(chain_names),
+                        model,
                     ),
                 )
                 hashes.append(h)
