@@ -373,7 +373,7 @@ def _read_recaption_quality(data_root: Path) -> list[dict]:
 
 
 def _read_download_stats(data_root: Path) -> list[dict]:
-    """Every downloaded dataset's counts (``data/*/download_stats.json``), one row each."""
+    """Every downloaded dataset's counts (``data/*/download_stats.json``), a row per count."""
     from vlalign.data.download import STATS_FILE
 
     out: list[dict] = []
