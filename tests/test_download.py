@@ -253,7 +253,8 @@ def test_missing_img2dataset_is_an_error_naming_the_file(
 ) -> None:
     monkeypatch.setitem(sys.modules, "img2dataset.downloader", None)  # import raises ImportError
     url_list = _tsv(tmp_path / "urls.tsv", [(f"{server.url}/nope.png", "x")])
-    with pytest.raises(DownloadError, match=r"fetching the URL list .*urls\.tsv needs img2dataset"):
+    missing = r"dataset 'cc' \(URL list .*urls\.tsv\): fetching it needs img2dataset"
+    with pytest.raises(DownloadError, match=missing):
         download_dataset("cc", _spec(url_list), tmp_path / "out", tmp_path / "work")
     assert not (tmp_path / "out").exists()
 

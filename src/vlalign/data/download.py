@@ -257,21 +257,10 @@ def _done_shards(shards_dir: Path) -> set[int]:
     return {int(p.name.split("_")[0]) for p in shards_dir.glob("*_stats.json")}
 
 
-def _require_img2dataset(name: str, path: Path) -> None:
-    """A clear error before any request when img2dataset cannot be imported."""
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    try:
-        import img2dataset.downloader  # noqa: F401
-    except ImportError as e:
-        raise DownloadError(
-            f"dataset '{name}': fetching the URL list {path} needs img2dataset, which "
-            f"`make setup` installs (docs/download.md, Install): {e}"
-        ) from e
-
-
-def fetch_shards(urls_file: Path, shards_dir: Path, opts: dict) -> tuple[int, int]:
+def fetch_shards(urls_file: Path, shards_dir: Path, opts: dict, source: str) -> tuple[int, int]:
     """Fetch the shards of ``urls_file`` not yet done into ``shards_dir`` with img2dataset's
     reader, downloader and parquet writer; return (shards fetched now, shards in all).
+    ``source`` names the dataset and its URL list in the error when img2dataset is missing.
 
     img2dataset is imported here only: its import pulls in wandb, albumentations, OpenCV and
     torch (seconds), and albumentations checks the network for updates unless told not to.
@@ -279,10 +268,16 @@ def fetch_shards(urls_file: Path, shards_dir: Path, opts: dict) -> tuple[int, in
     leaves only finished shards behind: img2dataset's own ``incremental`` mode, by shard.
     """
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from img2dataset.downloader import Downloader
-    from img2dataset.reader import Reader
-    from img2dataset.resizer import Resizer
-    from img2dataset.writer import ParquetSampleWriter
+    try:
+        from img2dataset.downloader import Downloader
+        from img2dataset.reader import Reader
+        from img2dataset.resizer import Resizer
+        from img2dataset.writer import ParquetSampleWriter
+    except ImportError as e:
+        raise DownloadError(
+            f"{source}: fetching it needs img2dataset, which `make setup` installs "
+            f"(docs/download.md, Install): {e}"
+        ) from e
 
     shards_dir.mkdir(parents=True, exist_ok=True)
     tmp = shards_dir / "_tmp"
@@ -423,9 +418,11 @@ def download_dataset(name: str, spec: dict, out: str | Path, work_dir: str | Pat
         len(_done_shards(shards_dir)) if shards_dir.exists() else 0
     ) < -(-sendable.num_rows // int(opts["shard_size"]))
     if pending:
-        _require_img2dataset(name, path)
         preflight(name, path, sendable["url"].to_pylist()[:1000], float(opts["preflight_timeout"]))
-    fetched, total = fetch_shards(urls_file, shards_dir, opts) if sendable.num_rows else (0, 0)
+    source = f"dataset '{name}' (URL list {path})"
+    fetched, total = (
+        fetch_shards(urls_file, shards_dir, opts, source) if sendable.num_rows else (0, 0)
+    )
     good_dir.mkdir(exist_ok=True)
     fail_dir.mkdir(exist_ok=True)
     for shard_id in sorted(_done_shards(shards_dir)):
