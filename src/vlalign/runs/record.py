@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vlalign.runs.plan import RunNode, StageNode, run_eval_settings, run_model
+from vlalign.runs.plan import RunNode, StageNode, run_eval_settings
 
 # Version of the run.json format. 1 (no ``record_version`` key): the fields below were not
 # written; they are derived from the run name and the config when read (:func:`_legacy_fields`).
@@ -222,7 +222,7 @@ def evaluate_params(
         "run": node.spec,
         "stages": chain_settings,
         **{k: config[k] for k in CONFIG_SECTIONS},
-        "model": run_model(config, node.spec),  # with the run's own model: overrides
+        "model": stages[node.stages[0]].model,  # with the run's own model: overrides
     }
     summary = peft_summary(chain_settings)
     if summary is not None:
