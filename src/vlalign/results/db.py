@@ -380,11 +380,11 @@ def _read_download_stats(data_root: Path) -> list[dict]:
     for path in sorted(data_root.glob(f"*/{STATS_FILE}")) if data_root.is_dir() else []:
         obj = _load_json(path)
         counts = {k: _require(obj, k, path, int) for k in ("rows", "succeeded", "failed")}
-        for group in ("failures", "splits"):
+        for group, prefix in (("failures", "failed"), ("splits", "split")):
             for key, n in _require(obj, group, path, dict).items():
                 if not isinstance(n, int):
                     raise ResultsInputError(f"{path}: {group}.{key} must be a count, got {n!r}")
-                counts[f"{'failed' if group == 'failures' else 'split'}.{key}"] = n
+                counts[f"{prefix}.{key}"] = n
         out += [{"dataset": path.parent.name, "url_list": obj.get("url_list"), "metric": k,
                  "value": n} for k, n in counts.items()]
     return out
