@@ -58,9 +58,8 @@ def _settings(kind: str, micro: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------ the job (each rank)
 def _weights(session) -> dict[str, torch.Tensor]:
     """Every tensor the stage trains: the VLM's and (prefix encoder) the methods' own."""
-    from vlalign.train.loop import trainable_state
-
-    out = {f"model.{k}": v for k, v in trainable_state(session.unwrapped).items()}
+    trained = session.unwrapped.named_parameters()
+    out = {f"model.{k}": p.detach().cpu().clone() for k, p in trained if p.requires_grad}
     for method, state in (session.peft.state_dict() if session.peft else {}).items():
         out |= {f"peft.{method}.{k}": v.detach().cpu().clone() for k, v in state.items()}
     return out

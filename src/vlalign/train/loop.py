@@ -45,12 +45,26 @@ from vlalign.train.features import FeatureCache
 from vlalign.train.loader import StepBatches, resolve_num_workers
 from vlalign.train.optim import build_optimizer, freeze_by_lr, param_groups
 from vlalign.train.preemption import Preempted, StopSignals, checkpoint_lock, stop_requested
+from vlalign.train.sharding import (
+    fsdp_layer_classes,
+    fsdp_on_cpu,
+    full_optimizer_state,
+    full_trainable_state,
+    gather_weights,
+    is_sharded,
+    load_full_state,
+    scalar,
+    shard_on_cpu,
+)
 from vlalign.train.trackers import TRACKERS_DIR, log_row, start_trackers, tracker_dir
 
 log = logging.getLogger(__name__)
 
 LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s")
 STATE_FILE = "state.pt"
+# 2: model and optimizer state keyed by parameter name, full tensors (any process count, sharded
+# or not); 1 (no key): per-module tensors and the optimizer's own state_dict
+CHECKPOINT_FORMAT = 2
 
 
 @dataclass
@@ -155,7 +169,9 @@ def heldout_loss(
     mask_mode: str | None = None,
     peft=None,
 ) -> float:
-    """Token-weighted mean next-token loss over a split (no noise)."""
+    """Token-weighted mean next-token loss over a split (no noise). ``model``: the VLM, or the
+    trainer's :class:`TrainForward` (which adds the PEFT inputs itself; a collective when
+    sharded)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -195,10 +211,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def checkpoint_identity(stage_hash: str, settings: StageSettings) -> dict[str, Any]:
     """What a checkpoint must match to be resumed (interval changes are harmless)."""
     return {"hash": stage_hash, "settings": settings.semantic()}
@@ -206,24 +218,30 @@ def checkpoint_identity(stage_hash: str, settings: StageSettings) -> dict[str, A
 
 def save_checkpoint(
     path: Path,
-    model,
+    root: torch.nn.Module,
     optimizer,
     scheduler,
     step: int,
     rows: list[dict],
-    peft=None,
     identity: dict[str, Any] | None = None,
+    write: bool = True,
 ) -> None:
-    """Atomic: a job killed while saving keeps its previous checkpoint."""
+    """Atomic: a job killed while saving keeps its previous checkpoint. ``root``: every module
+    the optimizer trains (the trainer's :class:`TrainForward`). Every process calls it (the
+    state of a sharded ``root`` is gathered by collectives); the one with ``write`` writes."""
+    model_state = full_trainable_state(root)
+    optimizer_state = full_optimizer_state(root, optimizer)
+    if not write:
+        return
     path.mkdir(parents=True, exist_ok=True)
     state = {
+        "format": CHECKPOINT_FORMAT,
         "step": step,
-        "model": trainable_state(model),
-        "optimizer": optimizer.state_dict(),
+        "model": model_state,
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "rng": _rng_state(),
         "log": rows,
-        "peft": peft.state_dict() if peft else None,
         "identity": identity,
     }
     tmp = path / f".{STATE_FILE}.tmp"
@@ -232,25 +250,34 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, model, optimizer, scheduler, peft=None, identity: dict[str, Any] | None = None
+    path: Path,
+    root: torch.nn.Module,
+    optimizer,
+    scheduler,
+    identity: dict[str, Any] | None = None,
 ) -> tuple[int, list[dict]]:
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    """Every process reads the file and loads it (into its shards when ``root`` is sharded)."""
+    file = path / STATE_FILE
+    state = torch.load(file, map_location="cpu", weights_only=False)
     if identity is not None and stable_hash(state.get("identity")) != stable_hash(identity):
         raise ValueError(
-            f"{path / STATE_FILE}: checkpoint was written by a stage with other "
+            f"{file}: checkpoint was written by a stage with other "
             f"settings (hash {(state.get('identity') or {}).get('hash')}, this "
             f"stage {identity['hash']}); delete it to start this stage over"
         )
-    missing = set(trainable_state(model)) - set(state["model"])
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{file}: checkpoint format {state.get('format', 1)}, this vlalign reads "
+            f"{CHECKPOINT_FORMAT} (written by another version); delete it to start this stage over"
+        )
+    trainable = {n for n, p in root.named_parameters() if p.requires_grad}
+    missing = trainable - set(state["model"])
     if missing:
         raise ValueError(
-            f"{path / STATE_FILE}: checkpoint lacks trainable tensors "
+            f"{file}: checkpoint lacks trainable tensors "
             f"{sorted(missing)[:5]}… (stage settings changed?)"
         )
-    model.load_state_dict(state["model"], strict=False)
-    if peft is not None:  # the prefix encoder lives outside the model
-        peft.load_state_dict(state["peft"])
-    optimizer.load_state_dict(state["optimizer"])
+    load_full_state(root, optimizer, state["model"], state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     return state["step"], state["log"]
@@ -325,9 +352,9 @@ class TrainForward(torch.nn.Module):
     the PEFT modules outside its tree (:meth:`PeftSession.modules_outside`, e.g. the prefix
     encoder), whose forward inputs (``PeftSession.forward_kwargs``) are computed *inside* this
     forward. Without it a prefix encoder's gradients were never all-reduced, and the ranks'
-    encoders diverged. It owns no state: the VLM and the methods keep theirs (checkpoints and
-    stage outputs are written from them, unchanged); one process sees the same computation in
-    the same order as a bare VLM forward."""
+    encoders diverged. It owns no state: the VLM and the methods keep theirs (checkpoints are
+    written from all of it by parameter name, stage outputs from the VLM and the methods); one
+    process sees the same computation in the same order as a bare VLM forward."""
 
     def __init__(self, vlm: VisionLanguageModel, peft=None):
         super().__init__()
@@ -335,9 +362,9 @@ class TrainForward(torch.nn.Module):
         self.outside = torch.nn.ModuleList(peft.modules_outside(vlm) if peft else [])
         self.__dict__["peft"] = peft  # a plain attribute: not a module
 
-    def forward(self, batch: Mapping[str, torch.Tensor], **kwargs: Any):
-        extra = self.peft.forward_kwargs(len(batch["input_ids"])) if self.peft else {}
-        return self.vlm(**batch, **kwargs, **extra)
+    def forward(self, **inputs: Any):
+        extra = self.peft.forward_kwargs(len(inputs["input_ids"])) if self.peft else {}
+        return self.vlm(**inputs, **extra)
 
 
 @dataclass
@@ -352,6 +379,7 @@ class StageSession:
     accelerator: Accelerator
     tokenizer: Any
     model: torch.nn.Module  # the TrainForward as prepared by accelerate (DDP / FSDP)
+    root: TrainForward  # the same, unwrapped: every trained module, for state and held-out loss
     unwrapped: VisionLanguageModel
     peft: Any  # vlalign.methods.stage.PeftSession, or None for a plain stage
     optimizer: torch.optim.Optimizer
@@ -458,12 +486,19 @@ def build_session(
     )
     steps = plan_steps(len(subset), settings, accelerator.num_processes, name)
 
-    groups = param_groups(
+    root = TrainForward(model, peft)
+    if fsdp_on_cpu(accelerator):  # accelerate would run the FSDP launch as DDP
+        shard_on_cpu(root, fsdp_layer_classes())
+    groups = param_groups(  # after sharding: its parameters replace the module's
         model, settings.lr, settings.optimizer.weight_decay, peft.groups if peft else None
     )
     optimizer, scheduler = build_optimizer(groups, settings, steps.total)
-    trainable = [p for g in groups for p in g["params"]]
-    wrapped, optimizer = accelerator.prepare(TrainForward(model, peft), optimizer)
+    if is_sharded(root):
+        wrapped, optimizer = root, accelerator.prepare(optimizer)
+    else:
+        wrapped, optimizer = accelerator.prepare(root, optimizer)
+    # accelerate's FSDP replaces the parameters (and the optimizer's references to them)
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
     return StageSession(
         name=name,
         stage_hash=stage_hash,
@@ -473,6 +508,7 @@ def build_session(
         accelerator=accelerator,
         tokenizer=tokenizer,
         model=wrapped,
+        root=accelerator.unwrap_model(wrapped),
         unwrapped=model,
         peft=peft,
         optimizer=optimizer,
@@ -498,10 +534,9 @@ def resume(session: StageSession) -> tuple[int, list[dict]]:
         return 0, []
     start_step, rows = load_checkpoint(
         session.paths.checkpoint_dir,
-        session.unwrapped,
+        session.root,
         session.optimizer,
         session.scheduler,
-        session.peft,
         session.identity,
     )
     log.info(
@@ -583,7 +618,7 @@ def train_step(session: StageSession, step: int) -> dict[str, float]:
         ctx = acc.no_sync(model) if not last and world > 1 else contextlib.nullcontext()
         with ctx, acc.autocast():
             out = model(  # TrainForward: the PEFT methods' inputs are added inside
-                batch,
+                **batch,
                 noise_fraction=settings.noise,
                 generator=noise_gen,
                 # packed rows as long as the stage's longest sample (N + max_length)
@@ -606,7 +641,7 @@ def train_step(session: StageSession, step: int) -> dict[str, float]:
         loss_sum, *values = _sum_over_processes(acc, [loss_sum, *(terms[k] for k in keys)])
         terms = dict(zip(keys, values, strict=True))
     max_norm = settings.max_grad_norm or float("inf")  # None: no clipping
-    grad_norm = float(acc.clip_grad_norm_(session.trainable, max_norm))
+    grad_norm = scalar(acc.clip_grad_norm_(session.trainable, max_norm))
     lr_now = max(g["lr"] for g in session.optimizer.param_groups)  # the LR this step used
     session.optimizer.step()
     session.scheduler.step()
@@ -629,18 +664,18 @@ def checkpoint_due(session: StageSession, done: int) -> bool:
 
 
 def write_checkpoint(session: StageSession, done: int, rows: list[dict]) -> None:
-    """The state after ``done`` steps, written by the main process (atomically)."""
-    if session.accelerator.is_main_process:
-        save_checkpoint(
-            session.paths.checkpoint_dir,
-            session.unwrapped,
-            session.optimizer,
-            session.scheduler,
-            done,
-            rows,
-            session.peft,
-            session.identity,
-        )
+    """The state after ``done`` steps, gathered on every process and written by the main one
+    (atomically)."""
+    save_checkpoint(
+        session.paths.checkpoint_dir,
+        session.root,
+        session.optimizer,
+        session.scheduler,
+        done,
+        rows,
+        session.identity,
+        write=session.accelerator.is_main_process,
+    )
     session.accelerator.wait_for_everyone()
 
 
@@ -669,9 +704,12 @@ def finish(session: StageSession, rows: list[dict]) -> dict[str, Any]:
     unwrapped = session.unwrapped
     if session.batches is not None:  # stop the loader's workers
         session.batches.close()
+    # every process: a sharded model's forward and unsharding are collectives
+    val = heldout_examples(session)
+    heldout = heldout_loss(session.root, val, session.pad_id) if val else None
+    gather_weights(session.root)
     result: dict[str, Any] = {}
     if acc.is_main_process:
-        val = heldout_examples(session)
         total = session.steps.total
         result = {
             "name": session.name,
@@ -683,9 +721,7 @@ def finish(session: StageSession, rows: list[dict]) -> dict[str, Any]:
             "epochs": total / session.steps.steps_per_epoch,
             "train_samples": len(session.subset),
             # None (recorded as missing, never 0) when the dataset has no val rows
-            "heldout_loss": (
-                heldout_loss(unwrapped, val, session.pad_id, peft=peft) if val else None
-            ),
+            "heldout_loss": heldout,
             "trainable_params": session.n_trainable,
             "trainable_pct": session.trainable_pct,
             "peft": sorted(m.name for m in peft.methods) if peft else [],
