@@ -184,14 +184,40 @@ def test_vision_probe_far_above_chance(vision_run, attr: str) -> None:
 def test_vision_pretraining_metrics(vision_run) -> None:
     _, _, metrics = vision_run
     assert metrics["train_loss_last"] < 0.5 * metrics["train_loss_first"], metrics
-    assert set(metrics["probe_accuracy"]) == {"shape", "colour", "size", "count"}
-    # Averaged over all four probes, clearly above chance (shape is the hardest at this size).
+    assert set(metrics["probe_accuracy"]) == {"shape", "colour", "size", "count", "position"}
+    # Averaged over the four attribute probes, clearly above chance (shape is the hardest at
+    # this size).
     acc, chance = metrics["probe_accuracy"], metrics["chance_accuracy"]
-    above = [acc[a] - chance[a] for a in acc]
+    above = [acc[a] - chance[a] for a in ("shape", "colour", "size", "count")]
     assert sum(above) / len(above) > 0.2, metrics
     assert set(metrics["vocab"]["colour"]) <= {
         "red", "green", "blue", "yellow", "purple", "orange", "white", "black"
     }  # fmt: skip
+
+
+def test_patch_cells_tile_the_scene_grid() -> None:
+    # 6 x 6 patches on a 3 x 3 grid: 2 x 2 patches per cell, row-major
+    cells = pvis.patch_cells(36, 3).view(6, 6)
+    assert cells[0, :].tolist() == [0, 0, 1, 1, 2, 2]
+    assert cells[:, 0].tolist() == [0, 0, 3, 3, 6, 6]
+    assert cells[5, 5] == 8 and torch.bincount(cells.flatten()).tolist() == [4] * 9
+
+
+def test_position_objective_keeps_where_object_patches_are(world, vision_run) -> None:
+    """Without it the attribute heads pool by location and object patches lose their cell; the
+    objective must make it readable from each patch (the probe: cell of object patches)."""
+    _, _, without = vision_run
+    torch.manual_seed(0)
+    model = bb.build_tiny_vision(VISION_CFG)
+    processor = bb.make_image_processor(model.config.image_size)
+    with_position = pvis.pretrain_vision(
+        model, processor, world, {**VISION_PRETRAIN, "position": True},
+        grid=GRID, max_objects=MAX_OBJECTS, seed=0,
+    )  # fmt: skip
+    acc = with_position["probe_accuracy"]["position"]
+    assert acc > 0.6 and acc > without["probe_accuracy"]["position"] + 0.2, (acc, without)
+    assert "grid cell" in with_position["objective"] and "grid cell" not in without["objective"]
+    assert with_position["probe_accuracy"]["colour"] > without["chance_accuracy"]["colour"] + 0.3
 
 
 # ------------------------------------------------------------------------------ save / load
