@@ -127,7 +127,7 @@ def test_backbones_load_with_from_pretrained(pipeline, tiny_cfg: dict) -> None:
     lm_metrics = json.loads((ldir / bb.METRICS_FILE).read_text())
     assert lm_metrics["heldout_perplexity"] > 1.0
     v_metrics = json.loads((vdir / bb.METRICS_FILE).read_text())
-    assert set(v_metrics["probe_accuracy"]) == {"shape", "colour", "size", "count"}
+    assert set(v_metrics["probe_accuracy"]) == {"shape", "colour", "size", "count", "position"}
 
 
 def test_every_job_wrote_log_and_benchmark(pipeline) -> None:
