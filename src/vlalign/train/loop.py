@@ -162,16 +162,15 @@ def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def heldout_loss(
-    model: VisionLanguageModel,
+    model: torch.nn.Module,
     examples: StageExamples,
     pad_id: int,
     batch_size: int = 32,
     mask_mode: str | None = None,
-    peft=None,
 ) -> float:
-    """Token-weighted mean next-token loss over a split (no noise). ``model``: the VLM, or the
-    trainer's :class:`TrainForward` (which adds the PEFT inputs itself; a collective when
-    sharded)."""
+    """Token-weighted mean next-token loss over a split (no noise). ``model``: a bare VLM, or
+    the trainer's :class:`TrainForward` when PEFT methods are attached (it adds their inputs;
+    a collective when sharded)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -184,8 +183,7 @@ def heldout_loss(
             device,
         )
         n = int((batch["labels"] != -100).sum())
-        extra_kw = peft.forward_kwargs(len(batch["input_ids"])) if peft else {}
-        out = model(**batch, mask_mode=mask_mode, **extra_kw)
+        out = model(**batch, mask_mode=mask_mode)
         total += out.loss.detach().item() * n
         count += n
     model.train(was_training)
