@@ -683,12 +683,13 @@ def heldout_examples(session: StageSession) -> StageExamples | None:
     held-out loss is then missing rather than 0."""
     dsd = load_from_disk(str(session.paths.data))
     if "val" not in dsd or len(dsd["val"]) == 0:
-        log.warning(
-            "stage %s: dataset %s has no val rows (%s): no held-out loss",
-            session.name,
-            session.settings.dataset,
-            session.paths.data,
-        )
+        if session.accelerator.is_main_process:  # every process asks (finish)
+            log.warning(
+                "stage %s: dataset %s has no val rows (%s): no held-out loss",
+                session.name,
+                session.settings.dataset,
+                session.paths.data,
+            )
         return None
     return stage_examples(
         session.paths, "val", session.settings, session.tokenizer, session.processor
