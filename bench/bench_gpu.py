@@ -6,16 +6,19 @@ Builds SigLIP so400m-patch14-224 + Qwen2.5-0.5B from their configs (random init,
 autocast on the GPU, gradient checkpointing, micro-batch 16) for a few steps each:
 
 - stage2 (everything trainable) with padded rows, then packed rows (``train.packing``,
-  :mod:`vlalign.models.packing`): samples/s, tokens/s, peak memory
-  (``torch.cuda.max_memory_allocated``) and MFU = 6·N·tokens/s ÷ the device's dense bf16 peak
-  (N = all parameters; the table in ``paper_size.BF16_PEAK``; a device not in it gets no MFU,
-  and the report says so). Target: ≥ 40 % MFU for packed stage2.
+  :mod:`vlalign.models.packing`), for each settings variant (:data:`VARIANTS`: the recipe as
+  written, and without gradient checkpointing at micro-batch 32): samples/s, tokens/s, peak
+  memory (``torch.cuda.max_memory_allocated``), the share of step time spent waiting for
+  batches, and MFU = 6·N·tokens/s ÷ the device's dense bf16 peak (N = all parameters; the
+  table in ``paper_size.BF16_PEAK``; a device not in it gets no MFU, and the report says so).
+  Target: ≥ 40 % MFU for packed stage2.
 - stage1 (projector only) reading the frozen-feature cache vs. reading images through the
   encoder: samples/s of each, and the cache's build time.
 
 Throughput is the total over the steps after ``--skip`` warm-up steps (samples and
 tokens of those steps ÷ their seconds, from ``train_log.csv``). Writes
-``bench/out/gpu_<device>.json`` (the device name in the file name). Without a CUDA device it
+``bench/out/gpu_<device>.json`` (the device name in the file name), rewritten after each
+stage so that a run cut short keeps what it measured. Without a CUDA device it
 prints one line and exits 0; ``--device cpu --sizes mid`` runs the same path on the CPU (a dry
 run of the code: no MFU). Not a test:
 
@@ -26,6 +29,7 @@ run of the code: no MFU). Not a test:
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 import sys
@@ -37,6 +41,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 OUT_DIR = Path(__file__).parent / "out"
+# stage2 settings measured side by side: the paper recipe as written, and the same stage with
+# the memory savers a 139 GiB / 80 GiB GPU does not need for a 0.9 B model (gradient
+# checkpointing recomputes every layer's forward: about a third more compute per step)
+VARIANTS: dict[str, dict[str, Any]] = {
+    "recipe": {},
+    "no_checkpointing_micro32": {"gradient_checkpointing": False, "micro_batch_size": 32},
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--skip", type=int, default=2, help="warm-up steps not timed")
     ap.add_argument("--batch", type=int, default=None, help="global batch (recipe: 128)")
     ap.add_argument("--micro", type=int, default=None, help="micro-batch (recipe: 16)")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        choices=sorted(VARIANTS),
+        help="stage2 settings to measure, padded and packed (repeatable; default: all)",
+    )
     ap.add_argument("--out", default=None, help="default: bench/out/gpu_<device>.json")
     return ap.parse_args(argv)
 
@@ -69,8 +86,37 @@ def summarise(rows: list[dict[str, float]], batch: int, skip: int) -> dict[str, 
     }
 
 
-def run(settings: dict, paths, name: str, cuda: bool) -> tuple[list[dict], dict, int | None]:
-    """Train one stage → (its log rows, stage.json, peak GPU bytes or None)."""
+class DataWait:
+    """Seconds each optimizer step waited for its batches (``StepBatches.get``: the loader's
+    workers, or this process with none), recorded around the trainer's own call."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def __enter__(self) -> DataWait:
+        from vlalign.train.loader import StepBatches
+
+        self._get = StepBatches.get
+        wait = self
+
+        def timed_get(batches, step):
+            t0 = time.perf_counter()
+            try:
+                return wait._get(batches, step)
+            finally:
+                wait.seconds.append(time.perf_counter() - t0)
+
+        StepBatches.get = timed_get
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from vlalign.train.loader import StepBatches
+
+        StepBatches.get = self._get
+
+
+def run(settings: dict, paths, name: str, cuda: bool) -> tuple[list[dict], dict, dict]:
+    """Train one stage → (its log rows, stage.json, {peak GPU bytes or None, data waits})."""
     import csv
 
     import torch
@@ -78,13 +124,15 @@ def run(settings: dict, paths, name: str, cuda: bool) -> tuple[list[dict], dict,
     from vlalign.train.loop import train_stage
 
     if cuda:
+        gc.collect()  # a failed variant's session (out of memory) holds GPU memory until then
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    result = train_stage(settings, paths, name=name, stage_hash=name, seed=0)
+    with DataWait() as wait:
+        result = train_stage(settings, paths, name=name, stage_hash=name, seed=0)
     peak = torch.cuda.max_memory_allocated() if cuda else None
     with open(paths.out / "train_log.csv", newline="") as f:
         rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
-    return rows, result, peak
+    return rows, result, {"peak": peak, "data_wait": wait.seconds}
 
 
 def recipe_settings(stage: str, args: argparse.Namespace, n_train: int) -> dict[str, Any]:
@@ -103,13 +151,33 @@ def recipe_settings(stage: str, args: argparse.Namespace, n_train: int) -> dict[
     return settings
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
+def stage_summary(rows, result, measured, settings, skip: int) -> dict[str, Any]:
+    s = summarise(rows, settings["batch_size"], skip)
+    peak = measured["peak"]
+    waits = measured["data_wait"]
+    s.update(
+        peak_memory_gib=peak / 2**30 if peak is not None else None,
+        precision=result["mixed_precision"],
+        image_tokens=result["image_tokens"],
+        trainable_params=result["trainable_params"],
+        # of the timed steps: the part of a step spent waiting for its batches
+        data_wait_seconds=waits,
+        data_wait_fraction=sum(waits[skip:]) / sum(s["step_seconds"]) if waits else None,
+        settings=settings,
+    )
+    return s
+
+
+def measure(args: argparse.Namespace, out: Path | None = None) -> dict[str, Any]:
+    """Run the stages; the report so far is rewritten to ``out`` after each one (a run cut
+    short keeps what it measured)."""
     import torch
     from paper_size import SIZES, bf16_peak, count_params, machine_info, mfu, save_backbones
 
     from vlalign.data.sources import save_dataset
     from vlalign.data.tokenizer import corpus_texts
     from vlalign.data.world import generate_world
+    from vlalign.io_utils import write_json_atomic
     from vlalign.models import backbones as bb
     from vlalign.train.features import build_feature_cache
     from vlalign.train.loop import StagePaths
@@ -120,6 +188,29 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     n_train = batch * args.steps
     gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak_flops = bf16_peak(gpu) if cuda else None
+    variants = args.variant or list(VARIANTS)
+    report: dict[str, Any] = {
+        "benchmark": "gpu",
+        "device": gpu,
+        "sizes": args.sizes,
+        "bf16_peak_flops": peak_flops,
+        "mfu_note": (
+            "6·N·tokens/s ÷ dense bf16 peak; N = every VLM parameter, tokens = image + text "
+            "tokens; the recompute of gradient checkpointing is not counted"
+            if peak_flops
+            else f"MFU not reported: no bf16 peak known for device {gpu!r}"
+        ),
+        "mfu_target_packed_stage2": 0.40,
+        "variants": {v: VARIANTS[v] for v in variants},
+        "stage2": {},
+        "stage1": {},
+        "machine": machine_info(),
+    }
+
+    def save() -> None:
+        if out is not None:
+            write_json_atomic(out, report)
+
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
         root = Path(tmp)
         world = {"image_size": vision_cfg["image_size"]}
@@ -131,68 +222,60 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "vision": count_params(bb.load_vision(vision_dir)),
             "lm": count_params(bb.load_lm(lm_dir)),
         }
+        report["model"] = {"vision": vision_cfg, "lm": lm_cfg, "params": n_params,
+                           "init": "random (configs only, no download)"}  # fmt: skip
 
         def paths(name: str, features: Path | None = None) -> StagePaths:
             return StagePaths(out=root / "stages" / name, checkpoint_dir=root / "ckpt" / name,
                               tokenizer=root / "hub" / "tokenizer_src", vision=vision_dir,
                               lm=lm_dir, data=root / "data", features=features)  # fmt: skip
 
-        report: dict[str, Any] = {"stage2": {}, "stage1": {}}
-        for packing in (False, True):
-            mode = "packed" if packing else "padded"
-            settings = {**recipe_settings("stage2", args, n_train), "packing": packing}
-            rows, result, peak_mem = run(settings, paths(f"stage2_{mode}"), f"stage2_{mode}", cuda)
-            s = summarise(rows, settings["batch_size"], args.skip)
-            s.update(
-                peak_memory_gib=peak_mem / 2**30 if peak_mem is not None else None,
-                precision=result["mixed_precision"],
-                image_tokens=result["image_tokens"],
-                trainable_params=result["trainable_params"],
-                settings=settings,
-            )
-            report["stage2"][mode] = s
-            print(f"stage2 {mode}: {s['samples_per_s']:.2f} samples/s, "
-                  f"{s['tokens_per_s']:.0f} tokens/s", flush=True)  # fmt: skip
-        # N: every parameter of the VLM (stage2 trains all of them: its trainable count)
-        n_all = report["stage2"]["padded"]["trainable_params"]
-        for s in report["stage2"].values():
-            s["mfu"] = mfu(n_all, s["tokens_per_s"], peak_flops)
+        for variant in variants:
+            report["stage2"][variant] = {}
+            for packing in (False, True):
+                mode = "packed" if packing else "padded"
+                name = f"stage2_{variant}_{mode}"
+                settings = {**recipe_settings("stage2", args, n_train), **VARIANTS[variant],
+                            "packing": packing}  # fmt: skip
+                settings["micro_batch_size"] = min(settings["micro_batch_size"],
+                                                   settings["batch_size"])  # fmt: skip
+                try:
+                    rows, result, measured = run(settings, paths(name), name, cuda)
+                except torch.OutOfMemoryError as e:  # the other variants still run
+                    report["stage2"][variant][mode] = {"error": f"out of memory: {e}"[:500]}
+                    print(f"stage2 {variant} {mode}: out of memory", flush=True)
+                    save()
+                    continue
+                s = stage_summary(rows, result, measured, settings, args.skip)
+                # N: every parameter of the VLM (stage2 trains all of them)
+                s["mfu"] = mfu(s["trainable_params"], s["tokens_per_s"], peak_flops)
+                report["stage2"][variant][mode] = s
+                report["model"]["params_total"] = s["trainable_params"]
+                print(f"stage2 {variant} {mode}: {s['samples_per_s']:.2f} samples/s, "
+                      f"{s['tokens_per_s']:.0f} tokens/s, MFU {s['mfu']}, peak "
+                      f"{s['peak_memory_gib']} GiB, data wait {s['data_wait_fraction']}",
+                      flush=True)  # fmt: skip
+                save()
         fc = {"batch_size": 256, "dtype": "float16"}  # the recipe's features: section
         t0 = time.perf_counter()
         build_feature_cache(vision_dir, root / "data", root / "features", fc["batch_size"],
                             fc["dtype"])  # fmt: skip
-        cache_s = time.perf_counter() - t0
+        report["stage1"]["cache_build_seconds"] = time.perf_counter() - t0
         for mode, features in (("images", None), ("cached", root / "features")):
             settings = recipe_settings("stage1", args, n_train)
-            rows, result, peak_mem = run(settings, paths(f"stage1_{mode}", features),
+            rows, result, measured = run(settings, paths(f"stage1_{mode}", features),
                                          f"stage1_{mode}", cuda)  # fmt: skip
-            s = summarise(rows, settings["batch_size"], args.skip)
-            s.update(peak_memory_gib=peak_mem / 2**30 if peak_mem is not None else None,
-                     feature_cache=result["feature_cache"])  # fmt: skip
+            s = stage_summary(rows, result, measured, settings, args.skip)
+            s["feature_cache"] = result["feature_cache"]
             report["stage1"][mode] = s
             print(f"stage1 {mode}: {s['samples_per_s']:.2f} samples/s", flush=True)
-        report["stage1"]["cache_build_seconds"] = cache_s
+            save()
         report["stage1"]["speedup_cached"] = (
             report["stage1"]["cached"]["samples_per_s"]
             / report["stage1"]["images"]["samples_per_s"]
         )
-    return {
-        "benchmark": "gpu",
-        "device": gpu,
-        "sizes": args.sizes,
-        "model": {"vision": vision_cfg, "lm": lm_cfg, "params": n_params, "params_total": n_all,
-                  "init": "random (configs only, no download)"},  # fmt: skip
-        "bf16_peak_flops": peak_flops,
-        "mfu_note": (
-            "6·N·tokens/s ÷ dense bf16 peak; N = every VLM parameter, tokens = image + text "
-            "tokens; the recompute of gradient checkpointing is not counted"
-            if peak_flops
-            else f"MFU not reported: no bf16 peak known for device {gpu!r}"
-        ),
-        "mfu_target_packed_stage2": 0.40,
-        **report,
-        "machine": machine_info(),
-    }
+    save()
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,14 +293,14 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    report = measure(args)
-    out = Path(args.out) if args.out else OUT_DIR / f"gpu_{device_slug(report['device'])}.json"
-    from vlalign.io_utils import write_json_atomic
-
-    write_json_atomic(out, report)
-    packed = report["stage2"]["packed"]
-    print(f"{report['device']}: packed stage2 MFU {packed['mfu']} "
-          f"(target {report['mfu_target_packed_stage2']}); wrote {out}")  # fmt: skip
+    gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    out = Path(args.out) if args.out else OUT_DIR / f"gpu_{device_slug(gpu)}.json"
+    report = measure(args, out)
+    for variant, modes in report["stage2"].items():
+        mfu = modes.get("packed", {}).get("mfu")
+        print(f"{report['device']}: stage2 {variant}: packed MFU {mfu} "
+              f"(target {report['mfu_target_packed_stage2']})")  # fmt: skip
+    print(f"wrote {out}")
     return 0
 
 

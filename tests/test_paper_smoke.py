@@ -117,3 +117,35 @@ def test_mfu_arithmetic_and_device_peaks() -> None:
     # 0.9 B parameters at 75,000 tokens/s on an H100: 6 · 0.9e9 · 7.5e4 / 989e12 = 40.9 %
     assert mfu(900_000_000, 75_000, 989e12) == pytest.approx(0.40950, abs=1e-4)
     assert mfu(900_000_000, 75_000, None) is None
+
+
+def test_bench_gpu_code_path_on_cpu(tmp_path: Path) -> None:
+    """The benchmark's measuring path (``--device cpu --sizes mid``): padded and packed stage2
+    train the same samples to the same losses (packing changes the layout, not the maths), every
+    step's data wait is recorded, and only the cached stage1 reads the feature cache."""
+    out = tmp_path / "gpu_cpu.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / "src"), env.get("PYTHONPATH", "")])
+    args = ["--device", "cpu", "--sizes", "mid", "--steps", "2", "--skip", "0", "--batch", "4",
+            "--micro", "2", "--variant", "recipe", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "bench" / "bench_gpu.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert list(report["stage2"]) == ["recipe"]  # only the variant asked for
+    padded, packed = report["stage2"]["recipe"]["padded"], report["stage2"]["recipe"]["packed"]
+    assert len(padded["losses"]) == len(packed["losses"]) == 2
+    assert packed["losses"] == pytest.approx(padded["losses"], rel=1e-4)
+    assert packed["settings"]["packing"] and not padded["settings"]["packing"]
+    for s in (padded, packed):
+        assert s["mfu"] is None and s["peak_memory_gib"] is None  # no GPU: nothing made up
+        assert len(s["data_wait_seconds"]) == 2 and 0 < s["data_wait_fraction"] < 1
+        assert s["steps_timed"] == 2 and s["samples_per_s"] > 0
+    stage1 = report["stage1"]
+    assert stage1["cached"]["feature_cache"] and not stage1["images"]["feature_cache"]
+    assert stage1["speedup_cached"] > 0 and "MFU not reported" in report["mfu_note"]
