@@ -375,8 +375,8 @@ def test_gradient_checkpointing_recomputes_with_the_same_modalities(feats):
         randomise(method)
         vlm.train()
         if checkpointing:
-            vlm.lm.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
+            vlm.lm.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
             )
         vlm(input_ids=ids, attention_mask=mask, labels=ids, image_features=feats).loss.backward()
         grads.append({n: p.grad.clone() for n, p in method.named_trainable_parameters().items()})

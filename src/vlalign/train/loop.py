@@ -469,8 +469,8 @@ def build_session(
     if settings.gradient_checkpointing:
         for part in (model.lm, model.vision):
             if any(p.requires_grad for p in part.parameters()):
-                part.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                part.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs={"use_reentrant": False}
                 )
     n_trainable, pct = peft.count_trainable(model) if peft else count_parameters(model)
     before = parent_peft_trained(paths.parent)
