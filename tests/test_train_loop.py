@@ -433,7 +433,7 @@ def test_auxiliary_loss_terms_are_logged_per_step(assets, tmp_path):
     session.model.train()
     row = train_step(session, 0)
     assert row["toy.const"] == pytest.approx(0.25)  # token-weighted over micro-batches: sums to 1
-    reg = sum(float((p**2).sum()) for p in session.unwrapped.projector.parameters())
+    reg = sum(float((p.detach() ** 2).sum()) for p in session.unwrapped.projector.parameters())
     assert 0 < row["toy.reg"] and row["toy.reg"] != pytest.approx(reg)  # before the update
     from vlalign.train.loop import _csv, log_columns
 
