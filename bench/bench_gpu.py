@@ -72,9 +72,13 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def summarise(rows: list[dict[str, float]], batch: int, skip: int) -> dict[str, Any]:
-    """Throughput of the steps after ``skip``: their samples and tokens ÷ their seconds."""
-    timed = rows[skip:] if len(rows) > skip else rows
+def summarise(
+    rows: list[dict[str, float]], batch: int, skip: int, waits: list[float] | None = None
+) -> dict[str, Any]:
+    """Throughput of the steps after ``skip``: their samples and tokens ÷ their seconds; with
+    ``waits`` (seconds per step spent waiting for batches), the share of those steps' time."""
+    first = skip if len(rows) > skip else 0
+    timed = rows[first:]
     seconds = [batch / r["samples_per_s"] for r in timed]
     tokens = sum(r["tokens_per_s"] * s for r, s in zip(timed, seconds))
     return {
@@ -83,6 +87,8 @@ def summarise(rows: list[dict[str, float]], batch: int, skip: int) -> dict[str, 
         "tokens_per_s": tokens / sum(seconds),
         "step_seconds": seconds,
         "losses": [r["loss"] for r in rows],
+        "data_wait_seconds": waits,
+        "data_wait_fraction": sum(waits[first:]) / sum(seconds) if waits else None,
     }
 
 
@@ -135,8 +141,11 @@ def run(settings: dict, paths, name: str, cuda: bool) -> tuple[list[dict], dict,
     return rows, result, {"peak": peak, "data_wait": wait.seconds}
 
 
-def recipe_settings(stage: str, args: argparse.Namespace, n_train: int) -> dict[str, Any]:
-    """The paper recipe's resolved ``stage`` for ``args.steps`` steps (no mid-run checkpoints)."""
+def recipe_settings(
+    stage: str, args: argparse.Namespace, n_train: int, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The paper recipe's resolved ``stage`` for ``args.steps`` steps (no mid-run checkpoints),
+    with ``overrides`` (a :data:`VARIANTS` entry) on top of ``--batch`` / ``--micro``."""
     from vlalign.config import REPO_ROOT, deep_merge, load_yaml
     from vlalign.runs.plan import resolve_stage
 
@@ -144,25 +153,22 @@ def recipe_settings(stage: str, args: argparse.Namespace, n_train: int) -> dict[
     _, settings = resolve_stage(config, stage)
     settings.update(max_steps=args.steps, checkpoint_every=10**9)
     settings["batch_size"] = args.batch or settings["batch_size"]
-    settings["micro_batch_size"] = min(args.micro or settings["micro_batch_size"],
-                                       settings["batch_size"])  # fmt: skip
+    settings["micro_batch_size"] = args.micro or settings["micro_batch_size"]
+    settings.update(overrides or {})
+    settings["micro_batch_size"] = min(settings["micro_batch_size"], settings["batch_size"])
     if settings["batch_size"] * args.steps > n_train:
         raise ValueError(f"--steps {args.steps} x batch {settings['batch_size']} > {n_train} rows")
     return settings
 
 
 def stage_summary(rows, result, measured, settings, skip: int) -> dict[str, Any]:
-    s = summarise(rows, settings["batch_size"], skip)
+    s = summarise(rows, settings["batch_size"], skip, measured["data_wait"])
     peak = measured["peak"]
-    waits = measured["data_wait"]
     s.update(
         peak_memory_gib=peak / 2**30 if peak is not None else None,
         precision=result["mixed_precision"],
         image_tokens=result["image_tokens"],
         trainable_params=result["trainable_params"],
-        # of the timed steps: the part of a step spent waiting for its batches
-        data_wait_seconds=waits,
-        data_wait_fraction=sum(waits[skip:]) / sum(s["step_seconds"]) if waits else None,
         settings=settings,
     )
     return s
@@ -235,10 +241,8 @@ def measure(args: argparse.Namespace, out: Path | None = None) -> dict[str, Any]
             for packing in (False, True):
                 mode = "packed" if packing else "padded"
                 name = f"stage2_{variant}_{mode}"
-                settings = {**recipe_settings("stage2", args, n_train), **VARIANTS[variant],
-                            "packing": packing}  # fmt: skip
-                settings["micro_batch_size"] = min(settings["micro_batch_size"],
-                                                   settings["batch_size"])  # fmt: skip
+                settings = recipe_settings("stage2", args, n_train,
+                                           {**VARIANTS[variant], "packing": packing})  # fmt: skip
                 try:
                     rows, result, measured = run(settings, paths(name), name, cuda)
                 except torch.OutOfMemoryError as e:  # the other variants still run
