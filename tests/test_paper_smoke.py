@@ -92,16 +92,21 @@ def test_results_file_has_versions_and_params(smoke) -> None:
     json.dumps(report)  # JSON-able as written
 
 
-def test_bench_gpu_exits_cleanly_without_a_gpu() -> None:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+def run_bench_gpu(*args: str, timeout: int, **env: str) -> subprocess.CompletedProcess:
+    """``bench/bench_gpu.py args`` as its docstring runs it (src on the path, offline)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / "src"), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "bench" / "bench_gpu.py")],
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "bench" / "bench_gpu.py"), *args],
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
+
+
+def test_bench_gpu_exits_cleanly_without_a_gpu() -> None:
+    proc = run_bench_gpu(timeout=120, CUDA_VISIBLE_DEVICES="")
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
     assert len(lines) == 1 and "no CUDA device" in lines[0]
@@ -124,17 +129,9 @@ def test_bench_gpu_code_path_on_cpu(tmp_path: Path) -> None:
     train the same samples to the same losses (packing changes the layout, not the maths), every
     step's data wait is recorded, and only the cached stage1 reads the feature cache."""
     out = tmp_path / "gpu_cpu.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / "src"), env.get("PYTHONPATH", "")])
     args = ["--device", "cpu", "--sizes", "mid", "--steps", "2", "--skip", "0", "--batch", "4",
             "--micro", "2", "--variant", "recipe", "--out", str(out)]  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "bench" / "bench_gpu.py"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_bench_gpu(*args, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert list(report["stage2"]) == ["recipe"]  # only the variant asked for
